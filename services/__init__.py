@@ -1,0 +1,1 @@
+"""kbmesh services: the Task Manager, the Knowledge Service and their shared code."""

@@ -1,0 +1,1 @@
+"""Code both services share: settings, logging, errors, the gRPC server host."""

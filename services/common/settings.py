@@ -1,0 +1,60 @@
+"""Settings groups both services use.
+
+Each service has one frozen settings object (pydantic-settings) with its own
+env prefix, read once in `__main__` and passed down. Nested groups use `__`:
+`KBMESH_TASK_MANAGER_GRPC__PORT=50051`, `KBMESH_KNOWLEDGE_REDIS__URL=...`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+
+class _Group(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class GrpcSettings(_Group):
+    """Where and how the gRPC server listens."""
+
+    host: str = "127.0.0.1"
+    # 0 picks a free port (tests); the bound port is logged.
+    port: int = Field(default=50051, ge=0, le=65535)
+    # Seconds in-flight RPCs get to finish after SIGTERM before they are cancelled.
+    shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+    # Largest message accepted or sent, in bytes (uploads stream in many messages).
+    max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+class LogSettings(_Group):
+    """Log level and line format (JSON for machines, text for people)."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["json", "text"] = "json"
+
+
+class RedisSettings(_Group):
+    """The Redis that holds the queue, tasks, events and records."""
+
+    url: SecretStr = SecretStr("redis://127.0.0.1:6390/0")
+    # How long start-up waits for Redis to answer before giving up.
+    connect_timeout_seconds: float = Field(default=30.0, gt=0)
+
+
+class S3Settings(_Group):
+    """The S3-compatible object store that holds uploaded documents."""
+
+    endpoint_url: str = "http://127.0.0.1:8333"
+    bucket: str = Field(default="kbmesh", min_length=3, max_length=63)
+    region: str = "us-east-1"
+    access_key_id: SecretStr = SecretStr("kbmesh")
+    secret_access_key: SecretStr = SecretStr("kbmesh-secret")
+    # How long start-up waits for the bucket to answer before giving up.
+    connect_timeout_seconds: float = Field(default=30.0, gt=0)

@@ -1,0 +1,2 @@
+"""The Knowledge Service: knowledge bases, documents, chunks, the ingestion
+pipeline its workers run, and search."""

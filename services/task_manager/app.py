@@ -1,0 +1,53 @@
+"""Composition root of the Task Manager: opens Redis and S3, builds the servicers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+
+from kbmesh.knowledge.v1 import knowledge_pb2
+from kbmesh.taskmanager.v1 import task_manager_pb2_grpc, worker_pb2_grpc
+from services.common.connections import open_redis, open_s3
+from services.common.host import ServiceHost
+from services.task_manager.api import (
+    TASK_MANAGER_SERVICE,
+    WORKER_SERVICE,
+    TaskManagerApi,
+    WorkerApi,
+)
+from services.task_manager.settings import TaskManagerSettings
+
+ERROR_DOMAIN = "taskmanager.kbmesh"
+KNOWLEDGE_SERVICE = knowledge_pb2.DESCRIPTOR.services_by_name["KnowledgeService"].full_name
+
+
+@dataclass(frozen=True)
+class TaskManagerApp:
+    settings: TaskManagerSettings
+    redis: Redis
+    s3: Any
+    host: ServiceHost
+
+
+@asynccontextmanager
+async def build_app(settings: TaskManagerSettings) -> AsyncIterator[TaskManagerApp]:
+    """Everything the Task Manager runs on, opened in order and closed in reverse."""
+    async with AsyncExitStack() as stack:
+        redis = await stack.enter_async_context(open_redis(settings.redis))
+        s3 = await stack.enter_async_context(open_s3(settings.s3))
+        host = ServiceHost(
+            "task-manager",
+            settings.grpc,
+            [TASK_MANAGER_SERVICE, WORKER_SERVICE],
+            error_domain=ERROR_DOMAIN,
+            # Through Envoy the gateway serves the Knowledge Service too.
+            mesh_services=[TASK_MANAGER_SERVICE, WORKER_SERVICE, KNOWLEDGE_SERVICE],
+        )
+        server = host.server
+        task_manager_pb2_grpc.add_TaskManagerServiceServicer_to_server(TaskManagerApi(), server)
+        worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerApi(), server)
+        yield TaskManagerApp(settings=settings, redis=redis, s3=s3, host=host)
