@@ -1,0 +1,50 @@
+"""Settings: read once from the environment, nested groups, secrets hidden."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from services.common.settings import GrpcSettings
+from services.knowledge.settings import KnowledgeSettings
+from services.task_manager.settings import TaskManagerSettings
+
+
+def test_defaults_give_distinct_ports() -> None:
+    assert TaskManagerSettings().grpc.port == 50051
+    assert KnowledgeSettings().grpc.port == 50052
+
+
+def test_nested_groups_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KBMESH_TASK_MANAGER_GRPC__PORT", "6000")
+    monkeypatch.setenv("KBMESH_TASK_MANAGER_REDIS__URL", "redis://:pw@10.0.0.1:7000/2")
+    monkeypatch.setenv("KBMESH_TASK_MANAGER_S3__BUCKET", "docs")
+    # Another service's variables do not leak in.
+    monkeypatch.setenv("KBMESH_KNOWLEDGE_GRPC__PORT", "7000")
+    settings = TaskManagerSettings()
+    assert settings.grpc.port == 6000
+    assert settings.grpc.address == "127.0.0.1:6000"
+    assert settings.redis.url.get_secret_value() == "redis://:pw@10.0.0.1:7000/2"
+    assert settings.s3.bucket == "docs"
+
+
+def test_secrets_do_not_appear_in_repr(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KBMESH_KNOWLEDGE_S3__SECRET_ACCESS_KEY", "hunter2")
+    monkeypatch.setenv("KBMESH_KNOWLEDGE_REDIS__URL", "redis://:hunter2@h:1/0")
+    assert "hunter2" not in repr(KnowledgeSettings())
+
+
+def test_bad_values_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KBMESH_TASK_MANAGER_GRPC__PORT", "70000")
+    with pytest.raises(ValidationError):
+        TaskManagerSettings()
+
+
+def test_settings_are_frozen() -> None:
+    settings = TaskManagerSettings()
+    with pytest.raises(ValidationError):
+        settings.grpc.port = 1
+
+
+def test_ipv6_address() -> None:
+    assert GrpcSettings(host="::1", port=5).address == "[::1]:5"
