@@ -1,0 +1,75 @@
+"""Every Redis key kbmesh uses, in one place, with what it holds.
+
+All keys start with `kbmesh:`. Ids are the 26-character ids of
+`services.common.ids`. Records are hashes; indexes are sorted sets scored by
+milliseconds since the epoch unless said otherwise.
+"""
+
+from __future__ import annotations
+
+PREFIX = "kbmesh:"
+
+# zset task id -> ready score; lowest first. The score puts higher priority
+# first, then older tasks first (see adapters/redis_store.py for the formula).
+QUEUE_READY = PREFIX + "queue:ready"
+# zset task id -> time (ms) at which a backing-off task becomes ready again.
+QUEUE_DELAYED = PREFIX + "queue:delayed"
+# zset of every task id by creation time (ListTasks without filters).
+TASKS = PREFIX + "tasks"
+# zset of every knowledge base id by creation time.
+KNOWLEDGE_BASES = PREFIX + "kbs"
+
+
+def knowledge_base(kb_id: str) -> str:
+    """hash: a knowledge base record (owned by the Knowledge Service)."""
+    return f"{PREFIX}kb:{kb_id}"
+
+
+def knowledge_base_name(name: str) -> str:
+    """string: id of the knowledge base with this name (names are unique)."""
+    return f"{PREFIX}kb-name:{name}"
+
+
+def kb_documents(kb_id: str) -> str:
+    """zset: document ids of a knowledge base by creation time."""
+    return f"{PREFIX}kb:{kb_id}:docs"
+
+
+def kb_content(kb_id: str, sha256: str) -> str:
+    """string: id of the document of this knowledge base holding these bytes."""
+    return f"{PREFIX}kb:{kb_id}:sha256:{sha256}"
+
+
+def kb_request(kb_id: str, request_id: str) -> str:
+    """string: task id created by the upload with this idempotency key (expires)."""
+    return f"{PREFIX}kb:{kb_id}:request:{request_id}"
+
+
+def kb_tasks(kb_id: str) -> str:
+    """zset: task ids of a knowledge base by creation time."""
+    return f"{PREFIX}kb:{kb_id}:tasks"
+
+
+def tasks_in_state(state: str) -> str:
+    """zset: task ids currently in `state` (PENDING, RUNNING…) by creation time."""
+    return f"{PREFIX}tasks:state:{state}"
+
+
+def kb_tasks_in_state(kb_id: str, state: str) -> str:
+    """zset: task ids of a knowledge base currently in `state`, by creation time."""
+    return f"{PREFIX}kb:{kb_id}:tasks:state:{state}"
+
+
+def document(document_id: str) -> str:
+    """hash: a document record, created with its first task at upload."""
+    return f"{PREFIX}doc:{document_id}"
+
+
+def task(task_id: str) -> str:
+    """hash: a task record (fields in adapters/redis_store.py)."""
+    return f"{PREFIX}task:{task_id}"
+
+
+def task_events(task_id: str) -> str:
+    """stream: the task's events (WatchTask); ids are Redis stream ids."""
+    return f"{PREFIX}task:{task_id}:events"

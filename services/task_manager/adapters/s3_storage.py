@@ -1,0 +1,174 @@
+"""Objects in S3: uploads stream into multipart uploads with bounded memory.
+
+A writer buffers one part (`part_size`, 8 MiB by default) and keeps at most
+`parts_in_flight` parts uploading while the next one fills, so memory per
+upload is bounded by `part_size * (parts_in_flight + 1)` whatever the file size,
+and the client stream is paused (gRPC flow control) while S3 is slower than
+the client. Files smaller than one part are stored with a single PUT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from services.common.errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+MIN_PART_SIZE = 5 * 1024 * 1024  # S3's minimum for every part but the last
+T = TypeVar("T")
+
+
+def storage_unavailable(exc: BaseException) -> Unavailable:
+    return Unavailable(
+        "STORAGE_UNAVAILABLE",
+        f"object storage failed: {type(exc).__name__}",
+        retry_after=1.0,
+    )
+
+
+async def _s3_call(call: Callable[[], Awaitable[T]]) -> T:
+    try:
+        return await call()
+    except (BotoCoreError, ClientError, OSError) as exc:
+        raise storage_unavailable(exc) from exc
+
+
+class S3ObjectWriter:
+    def __init__(
+        self, client: Any, bucket: str, key: str, content_type: str, part_size: int, in_flight: int
+    ) -> None:
+        self._client = client
+        self._bucket = bucket
+        self._key = key
+        self._content_type = content_type
+        self._part_size = part_size
+        self._in_flight = in_flight
+        self._buffer = bytearray()
+        self._upload_id: str | None = None
+        self._pending: list[asyncio.Task[dict[str, Any]]] = []
+        self._parts: list[dict[str, Any]] = []
+        self._next_part = 1
+        self._finished = False
+
+    async def write(self, data: bytes) -> None:
+        self._buffer += data
+        while len(self._buffer) >= self._part_size:
+            part = bytes(self._buffer[: self._part_size])
+            del self._buffer[: self._part_size]
+            await self._send_part(part)
+
+    async def _send_part(self, body: bytes) -> None:
+        if self._upload_id is None:
+            created = await _s3_call(
+                lambda: self._client.create_multipart_upload(
+                    Bucket=self._bucket, Key=self._key, ContentType=self._content_type
+                )
+            )
+            self._upload_id = str(created["UploadId"])
+        number = self._next_part
+        self._next_part += 1
+        self._pending.append(asyncio.create_task(self._upload_part(number, body)))
+        # Backpressure: wait for the oldest part once the window is full.
+        while len(self._pending) >= self._in_flight:
+            oldest = self._pending.pop(0)
+            self._parts.append(await oldest)
+
+    async def _upload_part(self, number: int, body: bytes) -> dict[str, Any]:
+        answer = await _s3_call(
+            lambda: self._client.upload_part(
+                Bucket=self._bucket,
+                Key=self._key,
+                UploadId=self._upload_id,
+                PartNumber=number,
+                Body=body,
+            )
+        )
+        return {"PartNumber": number, "ETag": answer["ETag"]}
+
+    async def complete(self) -> None:
+        if self._upload_id is None:
+            body = bytes(self._buffer)
+            await _s3_call(
+                lambda: self._client.put_object(
+                    Bucket=self._bucket, Key=self._key, Body=body, ContentType=self._content_type
+                )
+            )
+        else:
+            if self._buffer:
+                await self._send_part(bytes(self._buffer))
+            for task in self._pending:
+                self._parts.append(await task)
+            self._pending.clear()
+            parts = sorted(self._parts, key=lambda p: int(p["PartNumber"]))
+            await _s3_call(
+                lambda: self._client.complete_multipart_upload(
+                    Bucket=self._bucket,
+                    Key=self._key,
+                    UploadId=self._upload_id,
+                    MultipartUpload={"Parts": parts},
+                )
+            )
+        self._buffer = bytearray()
+        self._finished = True
+
+    async def abort(self) -> None:
+        """Cancels part uploads and the multipart upload; never raises."""
+        if self._finished:
+            return
+        self._finished = True
+        self._buffer = bytearray()
+        for task in self._pending:
+            task.cancel()
+        for task in self._pending:
+            with contextlib.suppress(BaseException):
+                await task
+        self._pending.clear()
+        if self._upload_id is not None:
+            try:
+                await self._client.abort_multipart_upload(
+                    Bucket=self._bucket, Key=self._key, UploadId=self._upload_id
+                )
+            except Exception:
+                log.warning(
+                    "could not abort a multipart upload; its parts stay until aborted",
+                    extra={"key": self._key, "upload_id": self._upload_id},
+                    exc_info=True,
+                )
+
+
+class S3ObjectStore:
+    """The ObjectStore port on an aiobotocore S3 client."""
+
+    def __init__(
+        self,
+        client: Any,
+        bucket: str,
+        *,
+        part_size: int = 8 * 1024 * 1024,
+        parts_in_flight: int = 2,
+    ) -> None:
+        if part_size < MIN_PART_SIZE:
+            raise ValueError(f"part_size must be at least {MIN_PART_SIZE} bytes")
+        self._client = client
+        self._bucket = bucket
+        self._part_size = part_size
+        self._parts_in_flight = max(1, parts_in_flight)
+
+    @property
+    def bucket(self) -> str:
+        return self._bucket
+
+    async def open_writer(self, key: str, content_type: str) -> S3ObjectWriter:
+        return S3ObjectWriter(
+            self._client, self._bucket, key, content_type, self._part_size, self._parts_in_flight
+        )
+
+    async def delete(self, key: str) -> None:
+        await _s3_call(lambda: self._client.delete_object(Bucket=self._bucket, Key=key))

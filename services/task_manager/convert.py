@@ -1,0 +1,170 @@
+"""Conversions between the Task Manager's protos and its domain objects."""
+
+from __future__ import annotations
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from kbmesh.knowledge.v1 import knowledge_pb2 as kn
+from kbmesh.taskmanager.v1 import task_manager_pb2 as tm
+from services.task_manager.domain.model import (
+    Chunking,
+    EventType,
+    Stage,
+    Task,
+    TaskEvent,
+    TaskState,
+)
+from services.task_manager.domain.upload import UploadHeader
+
+
+def timestamp(ms: int) -> Timestamp | None:
+    if not ms:
+        return None
+    ts = Timestamp()
+    ts.FromMilliseconds(ms)
+    return ts
+
+
+def chunking_from_proto(config: kn.ChunkingConfig) -> Chunking:
+    strategy = kn.ChunkingConfig.Strategy.Name(config.strategy).removeprefix("STRATEGY_")
+    return Chunking(
+        strategy="" if strategy == "UNSPECIFIED" else strategy,
+        chunk_size=config.chunk_size,
+        chunk_overlap=config.chunk_overlap,
+    )
+
+
+def chunking_to_proto(chunking: Chunking) -> kn.ChunkingConfig:
+    name = f"STRATEGY_{chunking.strategy or 'UNSPECIFIED'}"
+    return kn.ChunkingConfig(
+        strategy=kn.ChunkingConfig.Strategy.Value(name),
+        chunk_size=chunking.chunk_size,
+        chunk_overlap=chunking.chunk_overlap,
+    )
+
+
+def state_to_proto(state: TaskState) -> tm.Task.State.ValueType:
+    return tm.Task.State.Value(f"STATE_{state.value}")
+
+
+def state_from_proto(state: tm.Task.State.ValueType) -> TaskState | None:
+    if state == tm.Task.STATE_UNSPECIFIED:
+        return None
+    return TaskState(tm.Task.State.Name(state).removeprefix("STATE_"))
+
+
+def stage_to_proto(stage: Stage) -> kn.Stage.ValueType:
+    return kn.Stage.Value(f"STAGE_{stage.value or 'UNSPECIFIED'}")
+
+
+def stage_from_proto(stage: kn.Stage.ValueType) -> Stage:
+    name = kn.Stage.Name(stage).removeprefix("STAGE_")
+    return Stage.NONE if name == "UNSPECIFIED" else Stage(name)
+
+
+def task_to_proto(task: Task) -> tm.Task:
+    message = tm.Task(
+        id=task.id,
+        knowledge_base_id=task.knowledge_base_id,
+        document_id=task.document_id,
+        filename=task.filename,
+        content_type=task.content_type,
+        size_bytes=task.size_bytes,
+        sha256=task.sha256,
+        state=state_to_proto(task.state),
+        stage=stage_to_proto(task.stage),
+        progress=task.progress,
+        message=task.message,
+        attempt=task.attempt,
+        max_attempts=task.max_attempts,
+        priority=task.priority,
+        worker_id=task.worker_id,
+        cancel_requested=task.cancel_requested,
+        callback_url=task.callback_url,
+        create_time=timestamp(task.create_time_ms),
+        update_time=timestamp(task.update_time_ms),
+        start_time=timestamp(task.start_time_ms),
+        end_time=timestamp(task.end_time_ms),
+        next_attempt_time=timestamp(task.next_attempt_time_ms),
+    )
+    if task.error is not None:
+        message.error.CopyFrom(
+            tm.TaskError(
+                code=task.error.code,
+                reason=task.error.reason,
+                message=task.error.message,
+                retryable=task.error.retryable,
+            )
+        )
+    if task.result is not None:
+        message.result.CopyFrom(
+            tm.TaskResult(
+                chunk_count=task.result.chunk_count,
+                page_count=task.result.page_count,
+                token_count=task.result.token_count,
+                duration_ms=task.result.duration_ms,
+            )
+        )
+    for attempt in task.callback_attempts:
+        message.callback_attempts.append(
+            tm.CallbackAttempt(
+                time=timestamp(attempt.time_ms),
+                http_status=attempt.http_status,
+                error=attempt.error,
+                delivered=attempt.delivered,
+            )
+        )
+    return message
+
+
+_EVENT_TYPES = {
+    EventType.SNAPSHOT: tm.WatchTaskResponse.TYPE_SNAPSHOT,
+    EventType.STATE_CHANGED: tm.WatchTaskResponse.TYPE_STATE_CHANGED,
+    EventType.PROGRESS: tm.WatchTaskResponse.TYPE_PROGRESS,
+    EventType.CALLBACK: tm.WatchTaskResponse.TYPE_CALLBACK,
+    EventType.ERROR: tm.WatchTaskResponse.TYPE_ERROR,
+}
+
+
+def event_to_proto(event: TaskEvent) -> tm.WatchTaskResponse:
+    return tm.WatchTaskResponse(
+        event_id=event.id,
+        type=_EVENT_TYPES[event.type],
+        task=task_to_proto(event.task),
+        time=timestamp(event.time_ms),
+        last=event.task.state.terminal,
+    )
+
+
+def has_header(message: tm.UploadRequest) -> bool:
+    """Whether any header field is set (they belong in the first message only)."""
+    return bool(
+        message.knowledge_base_id
+        or message.filename
+        or message.content_type
+        or message.declared_size_bytes
+        or message.sha256
+        or message.request_id
+        or message.HasField("chunking")
+        or message.callback_url
+        or message.priority
+        or message.force
+        or message.metadata
+    )
+
+
+def header_from_proto(message: tm.UploadRequest) -> UploadHeader:
+    return UploadHeader(
+        knowledge_base_id=message.knowledge_base_id,
+        filename=message.filename,
+        # Through Envoy the HTTP Content-Type arrives on the body.
+        content_type=message.content_type or message.file.content_type,
+        declared_size_bytes=message.declared_size_bytes,
+        sha256=message.sha256.lower(),
+        request_id=message.request_id,
+        chunking=chunking_from_proto(message.chunking),
+        callback_url=message.callback_url,
+        priority=message.priority,
+        force=message.force,
+        metadata=dict(message.metadata),
+    )
