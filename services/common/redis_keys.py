@@ -16,7 +16,7 @@ QUEUE_READY = PREFIX + "queue:ready"
 QUEUE_DELAYED = PREFIX + "queue:delayed"
 # zset of every task id by creation time (ListTasks without filters).
 TASKS = PREFIX + "tasks"
-# zset of every knowledge base id by creation time.
+# zset of every knowledge base id, all at score 0: ordered by (time-ordered) id.
 KNOWLEDGE_BASES = PREFIX + "kbs"
 
 
@@ -73,3 +73,9 @@ def task(task_id: str) -> str:
 def task_events(task_id: str) -> str:
     """stream: the task's events (WatchTask); ids are Redis stream ids."""
     return f"{PREFIX}task:{task_id}:events"
+
+
+def kb_create_request(request_id: str) -> str:
+    """string: id of the knowledge base created by CreateKnowledgeBase with this
+    idempotency key (expires)."""
+    return f"{PREFIX}kb-create-request:{request_id}"

@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 from kbmesh.knowledge.v1 import knowledge_pb2_grpc
 from services.common.connections import open_redis, open_s3
 from services.common.host import ServiceHost
+from services.knowledge.adapters.redis_kb_store import RedisKnowledgeBases
 from services.knowledge.api import KNOWLEDGE_SERVICE, KnowledgeApi
 from services.knowledge.settings import KnowledgeSettings
 
@@ -35,5 +36,8 @@ async def build_app(settings: KnowledgeSettings) -> AsyncIterator[KnowledgeApp]:
         host = ServiceHost(
             "knowledge", settings.grpc, [KNOWLEDGE_SERVICE], error_domain=ERROR_DOMAIN
         )
-        knowledge_pb2_grpc.add_KnowledgeServiceServicer_to_server(KnowledgeApi(), host.server)
+        knowledge_bases = RedisKnowledgeBases(redis)
+        knowledge_pb2_grpc.add_KnowledgeServiceServicer_to_server(
+            KnowledgeApi(knowledge_bases), host.server
+        )
         yield KnowledgeApp(settings=settings, redis=redis, s3=s3, host=host)

@@ -1,0 +1,1 @@
+"""Knowledge Service adapters: Redis records, S3 objects, the index."""
