@@ -70,6 +70,11 @@ def task(task_id: str) -> str:
     return f"{PREFIX}task:{task_id}"
 
 
+def task_retry_request(task_id: str, request_id: str) -> str:
+    """string: marks that RetryTask with this idempotency key re-queued the task (expires)."""
+    return f"{PREFIX}task:{task_id}:retry-request:{request_id}"
+
+
 def task_events(task_id: str) -> str:
     """stream: the task's events (WatchTask); ids are Redis stream ids."""
     return f"{PREFIX}task:{task_id}:events"

@@ -82,7 +82,7 @@ class KnowledgeApi(kn_grpc.KnowledgeServiceServicer):
 
     async def CreateKnowledgeBase(
         self, request: kn.CreateKnowledgeBaseRequest, context: Context
-    ) -> kn.CreateKnowledgeBaseResponse:
+    ) -> kn.KnowledgeBase:
         given = request.knowledge_base
         if len(request.request_id) > 128:
             raise InvalidArgument("INVALID_REQUEST_ID", "request_id is at most 128 characters")
@@ -105,13 +105,13 @@ class KnowledgeApi(kn_grpc.KnowledgeServiceServicer):
             update_time_ms=now,
         )
         stored, _ = await self._kbs.create(kb, request.request_id)
-        return kn.CreateKnowledgeBaseResponse(knowledge_base=await self._to_proto(stored))
+        return await self._to_proto(stored)
 
     async def GetKnowledgeBase(
         self, request: kn.GetKnowledgeBaseRequest, context: Context
-    ) -> kn.GetKnowledgeBaseResponse:
+    ) -> kn.KnowledgeBase:
         kb = await self._kbs.require(_require_kb_id(request.knowledge_base_id))
-        return kn.GetKnowledgeBaseResponse(knowledge_base=await self._to_proto(kb))
+        return await self._to_proto(kb)
 
     async def ListKnowledgeBases(
         self, request: kn.ListKnowledgeBasesRequest, context: Context
@@ -125,7 +125,7 @@ class KnowledgeApi(kn_grpc.KnowledgeServiceServicer):
 
     async def UpdateKnowledgeBase(
         self, request: kn.UpdateKnowledgeBaseRequest, context: Context
-    ) -> kn.UpdateKnowledgeBaseResponse:
+    ) -> kn.KnowledgeBase:
         given = request.knowledge_base
         old = await self._kbs.require(_require_kb_id(given.id))
         # An empty mask means every updatable field that is set (AIP-134);
@@ -165,7 +165,7 @@ class KnowledgeApi(kn_grpc.KnowledgeServiceServicer):
             new = replace(new, labels=validate_labels(dict(given.labels)))
         new = replace(new, update_time_ms=int(time.time() * 1000))
         stored = await self._kbs.update(old, new)
-        return kn.UpdateKnowledgeBaseResponse(knowledge_base=await self._to_proto(stored))
+        return await self._to_proto(stored)
 
     async def DeleteKnowledgeBase(
         self, request: kn.DeleteKnowledgeBaseRequest, context: Context
@@ -177,9 +177,7 @@ class KnowledgeApi(kn_grpc.KnowledgeServiceServicer):
     ) -> kn.ListDocumentsResponse:
         raise Unimplemented("ListDocuments")
 
-    async def GetDocument(
-        self, request: kn.GetDocumentRequest, context: Context
-    ) -> kn.GetDocumentResponse:
+    async def GetDocument(self, request: kn.GetDocumentRequest, context: Context) -> kn.Document:
         raise Unimplemented("GetDocument")
 
     async def DeleteDocument(

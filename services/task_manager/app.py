@@ -13,12 +13,15 @@ from kbmesh.knowledge.v1 import knowledge_pb2
 from kbmesh.taskmanager.v1 import task_manager_pb2_grpc, worker_pb2_grpc
 from services.common.connections import open_redis, open_s3
 from services.common.host import ServiceHost
+from services.task_manager.adapters.redis_store import RedisTaskStore
+from services.task_manager.adapters.s3_storage import S3ObjectStore
 from services.task_manager.api import (
     TASK_MANAGER_SERVICE,
     WORKER_SERVICE,
     TaskManagerApi,
     WorkerApi,
 )
+from services.task_manager.domain.upload import UploadLimits, Uploads
 from services.task_manager.settings import TaskManagerSettings
 
 ERROR_DOMAIN = "taskmanager.kbmesh"
@@ -47,7 +50,29 @@ async def build_app(settings: TaskManagerSettings) -> AsyncIterator[TaskManagerA
             # Through Envoy the gateway serves the Knowledge Service too.
             mesh_services=[TASK_MANAGER_SERVICE, WORKER_SERVICE, KNOWLEDGE_SERVICE],
         )
+        limits = settings.uploads
+        tasks = RedisTaskStore(redis, request_id_ttl_seconds=limits.request_id_ttl_seconds)
+        objects = S3ObjectStore(
+            s3,
+            settings.s3.bucket,
+            part_size=limits.part_bytes,
+            parts_in_flight=limits.parts_in_flight,
+        )
+        uploads = Uploads(
+            tasks,
+            objects,
+            UploadLimits(
+                max_upload_bytes=limits.max_bytes,
+                max_uploads_in_flight=limits.max_in_flight,
+                max_queue_depth=limits.max_queue_depth,
+                max_attempts=limits.max_attempts,
+                callback_allow_list=limits.callback_allow_list,
+                retry_after_seconds=limits.retry_after_seconds,
+            ),
+        )
         server = host.server
-        task_manager_pb2_grpc.add_TaskManagerServiceServicer_to_server(TaskManagerApi(), server)
+        task_manager_pb2_grpc.add_TaskManagerServiceServicer_to_server(
+            TaskManagerApi(uploads, tasks), server
+        )
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerApi(), server)
         yield TaskManagerApp(settings=settings, redis=redis, s3=s3, host=host)

@@ -2,10 +2,35 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.settings import GrpcSettings, LogSettings, RedisSettings, S3Settings
+
+
+class UploadSettings(BaseModel):
+    """Limits on uploads and the queue (documented in README: Limits)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Largest file accepted, in bytes; enforced while streaming (RESOURCE_EXHAUSTED).
+    max_bytes: int = Field(default=5 * 1024**3, ge=1)
+    # Uploads one replica accepts at once; past it, RESOURCE_EXHAUSTED + retry hint.
+    max_in_flight: int = Field(default=512, ge=1)
+    # Tasks waiting in the queue; past it, uploads get RESOURCE_EXHAUSTED.
+    max_queue_depth: int = Field(default=100_000, ge=1)
+    # Attempts per task before it fails for good.
+    max_attempts: int = Field(default=5, ge=1, le=100)
+    # Callback URLs must start with one of these prefixes; empty: callbacks refused.
+    callback_allow_list: tuple[str, ...] = ()
+    # Retry hint sent with RESOURCE_EXHAUSTED, in seconds.
+    retry_after_seconds: float = Field(default=1.0, gt=0)
+    # S3 multipart part size and parts uploading at once per upload (memory per
+    # upload is about part_bytes * (parts_in_flight + 1)).
+    part_bytes: int = Field(default=8 * 1024**2, ge=5 * 1024**2)
+    parts_in_flight: int = Field(default=2, ge=1, le=16)
+    # How long an upload's idempotency key (request_id) is remembered, in seconds.
+    request_id_ttl_seconds: int = Field(default=86_400, ge=60)
 
 
 class TaskManagerSettings(BaseSettings):
@@ -17,3 +42,4 @@ class TaskManagerSettings(BaseSettings):
     log: LogSettings = LogSettings()
     redis: RedisSettings = RedisSettings()
     s3: S3Settings = S3Settings()
+    uploads: UploadSettings = UploadSettings()

@@ -1,0 +1,897 @@
+"""`TaskStore` on Redis: task and document records, the queue, indexes and events.
+
+Key names are in `services.common.redis_keys`; this module owns what is stored
+under them.
+
+Task record (hash `task(id)`): one field per `Task` attribute, named like the
+attribute, every value a string (`encode_task` / `decode_task`):
+
+- text as is: id, knowledge_base_id, document_id, filename, content_type,
+  sha256, object_key, message, worker_id, callback_url;
+- enums by value: state (`PENDING`…), stage (`""` when none);
+- integers in decimal: size_bytes, create_time_ms, update_time_ms, attempt,
+  max_attempts, priority, start_time_ms, end_time_ms, next_attempt_time_ms
+  (times are ms since the epoch, 0 = not set);
+- progress: `repr(float)`; cancel_requested: `"1"`/`"0"`;
+- JSON: error and result (`""` when None), chunking, metadata,
+  callback_attempts (a list).
+
+A missing field decodes to the attribute's default, so fields added later do
+not break records written earlier.
+
+Document record (hash `document(id)`): knowledge_base_id, filename,
+content_type, size_bytes, sha256, object_key, metadata (JSON), create_time_ms,
+update_time_ms, task_id (the document's latest task). Its id is also in the
+knowledge base's `kb_documents` zset, and `kb_content(kb, sha256)` points at
+the newest document holding those bytes.
+
+Queue: `QUEUE_READY` holds PENDING tasks that may be dispatched now, scored by
+`queue_score` = (MAX_PRIORITY - priority) * 10**13 + enqueue time in ms: the
+lowest score goes first, so higher priority first, then first in first out
+(10**13 ms is three centuries, so times never spill into the priority digit,
+and scores stay below 2**53: exact as doubles). The enqueue time is the upload
+time, and the time of the retry for a retried task (it joins the back of its
+priority class). `QUEUE_DELAYED` holds PENDING tasks backing off, scored by
+the time they become ready.
+
+Indexes: `TASKS`, `kb_tasks(kb)`, `tasks_in_state(state)` and
+`kb_tasks_in_state(kb, state)`, all scored by create_time_ms. A task is in
+exactly the two state zsets of its current state; only the two Lua scripts
+below change a task's state, and they move it between the zsets in the same
+step.
+
+Events (stream `task_events(id)`, capped at about `event_history` entries with
+`MAXLEN ~`): every change of a task appends one entry whose fields are
+`event_type` (an `EventType` value), `event_time_ms`, and every field of the
+task record after the change, so a watcher rebuilds the task from the entry
+alone, from any replica. The entry id (e.g. "1732874400000-0") is the event id
+clients resume from.
+
+Atomicity: two Lua scripts, run with EVALSHA (`register_script`).
+
+- `_CREATE` writes an upload's document, task, indexes, queue entry,
+  idempotency key, content-hash entry and first event, after checking in the
+  same step that the knowledge base still exists and that no earlier upload
+  took the request id (or, without force, the bytes).
+- `_TRANSITION` is the one way a task changes after that: it compares guard
+  fields (always the state the caller read, optionally more), sets fields,
+  moves the task between state zsets, adds or removes it from other zsets
+  (queues), sets an optional idempotency key, and appends the event, or does
+  nothing and answers "conflict" with the current record. Callers read the
+  task, decide in Python, and run the script with what they read as guard:
+  optimistic concurrency, bounded retries on conflict. `cancel` and `retry`
+  are built on it through `RedisTaskStore.transition`.
+
+Adding the dispatcher's transitions is a call of `transition` each, no new
+script: start = guard state PENDING, set state RUNNING, worker_id, start_time_ms,
+zrem QUEUE_READY and zadd a lease zset (a new key in redis_keys) scored by the
+lease deadline (a conflict means another dispatcher took the task); progress =
+guard state RUNNING plus worker_id and attempt (a worker whose lease expired
+cannot write), event PROGRESS, set stage/progress/message; complete/fail = the
+same guards, set the terminal state, end_time_ms, result or error, zrem the
+lease; lease expiry = guard state RUNNING and attempt, set PENDING with
+attempt + 1 and next_attempt_time_ms, zadd QUEUE_DELAYED, zrem the lease.
+
+Errors: Redis connection errors and timeouts become
+`Unavailable("REDIS_UNAVAILABLE", retry_after=1.0)` at every public method
+(and inside `watch`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import dataclasses
+import functools
+import json
+import re
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, ParamSpec, TypeVar
+
+import redis.exceptions
+from redis.asyncio import Redis
+
+from services.common import redis_keys
+from services.common.errors import (
+    Aborted,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+from services.task_manager.domain.model import (
+    CallbackAttempt,
+    Chunking,
+    EventType,
+    Stage,
+    Task,
+    TaskError,
+    TaskEvent,
+    TaskPage,
+    TaskResult,
+    TaskState,
+)
+from services.task_manager.domain.ports import CreateOutcome
+from services.task_manager.domain.upload import MAX_PRIORITY
+
+# Fields of a stream entry besides the task's own (no Task attribute has these names).
+EVENT_TYPE_FIELD = "event_type"
+EVENT_TIME_FIELD = "event_time_ms"
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+# Optimistic transitions re-read and retry this often before giving up (ABORTED).
+_MAX_CONFLICTS = 10
+_STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+_TASK_FIELDS = frozenset(f.name for f in dataclasses.fields(Task))
+# Attributes a transition may not change: the indexes are keyed or scored by them.
+_IMMUTABLE_FIELDS = frozenset({"id", "knowledge_base_id", "document_id", "create_time_ms"})
+
+
+def queue_score(priority: int, enqueue_time_ms: int) -> int:
+    """Score in QUEUE_READY: higher priority first, then first in first out."""
+    return (MAX_PRIORITY - priority) * 10**13 + enqueue_time_ms
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+# --- record encoding -------------------------------------------------------------------------
+
+
+def _json(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+
+
+def encode_task(task: Task) -> dict[str, str]:
+    """The task as the string fields of its hash (and of its events)."""
+    return {
+        "id": task.id,
+        "knowledge_base_id": task.knowledge_base_id,
+        "document_id": task.document_id,
+        "filename": task.filename,
+        "content_type": task.content_type,
+        "size_bytes": str(task.size_bytes),
+        "sha256": task.sha256,
+        "object_key": task.object_key,
+        "state": task.state.value,
+        "create_time_ms": str(task.create_time_ms),
+        "update_time_ms": str(task.update_time_ms),
+        "stage": task.stage.value,
+        "progress": repr(float(task.progress)),
+        "message": task.message,
+        "attempt": str(task.attempt),
+        "max_attempts": str(task.max_attempts),
+        "priority": str(task.priority),
+        "error": "" if task.error is None else _json(dataclasses.asdict(task.error)),
+        "worker_id": task.worker_id,
+        "cancel_requested": "1" if task.cancel_requested else "0",
+        "result": "" if task.result is None else _json(dataclasses.asdict(task.result)),
+        "callback_url": task.callback_url,
+        "callback_attempts": _json([dataclasses.asdict(a) for a in task.callback_attempts]),
+        "chunking": _json(dataclasses.asdict(task.chunking)),
+        "metadata": _json(task.metadata),
+        "start_time_ms": str(task.start_time_ms),
+        "end_time_ms": str(task.end_time_ms),
+        "next_attempt_time_ms": str(task.next_attempt_time_ms),
+    }
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+# A hash or stream entry as redis-py returns it (bytes) or as `encode_task` makes it (str).
+Fields = Mapping[bytes, bytes] | Mapping[str, str] | Mapping[bytes | str, bytes | str]
+
+
+def _texts(fields: Fields) -> dict[str, str]:
+    return {_text(k): _text(v) for k, v in fields.items()}
+
+
+def decode_task(fields: Fields) -> Task:
+    """The task stored as `fields` (bytes or str, as read from a hash or an event).
+
+    Unknown fields are ignored and missing optional ones take their defaults.
+    """
+    f = _texts(fields)
+
+    def num(name: str) -> int:
+        raw = f.get(name, "")
+        return int(raw) if raw else 0
+
+    def parsed(name: str) -> Any:
+        raw = f.get(name, "")
+        return json.loads(raw) if raw else None
+
+    error = parsed("error")
+    result = parsed("result")
+    chunking = parsed("chunking")
+    return Task(
+        id=f["id"],
+        knowledge_base_id=f["knowledge_base_id"],
+        document_id=f["document_id"],
+        filename=f.get("filename", ""),
+        content_type=f.get("content_type", ""),
+        size_bytes=num("size_bytes"),
+        sha256=f.get("sha256", ""),
+        object_key=f.get("object_key", ""),
+        state=TaskState(f["state"]),
+        create_time_ms=num("create_time_ms"),
+        update_time_ms=num("update_time_ms"),
+        stage=Stage(f.get("stage", "")),
+        progress=float(f.get("progress") or 0.0),
+        message=f.get("message", ""),
+        attempt=int(f.get("attempt") or 1),
+        max_attempts=int(f.get("max_attempts") or 5),
+        priority=num("priority"),
+        error=None if error is None else TaskError(**error),
+        worker_id=f.get("worker_id", ""),
+        cancel_requested=f.get("cancel_requested") == "1",
+        result=None if result is None else TaskResult(**result),
+        callback_url=f.get("callback_url", ""),
+        callback_attempts=tuple(CallbackAttempt(**a) for a in parsed("callback_attempts") or ()),
+        chunking=Chunking() if chunking is None else Chunking(**chunking),
+        metadata=dict(parsed("metadata") or {}),
+        start_time_ms=num("start_time_ms"),
+        end_time_ms=num("end_time_ms"),
+        next_attempt_time_ms=num("next_attempt_time_ms"),
+    )
+
+
+def encode_document(task: Task) -> dict[str, str]:
+    """The document record an upload creates, from its first task."""
+    return {
+        "knowledge_base_id": task.knowledge_base_id,
+        "filename": task.filename,
+        "content_type": task.content_type,
+        "size_bytes": str(task.size_bytes),
+        "sha256": task.sha256,
+        "object_key": task.object_key,
+        "metadata": _json(task.metadata),
+        "create_time_ms": str(task.create_time_ms),
+        "update_time_ms": str(task.update_time_ms),
+        "task_id": task.id,
+    }
+
+
+def decode_event(event_id: bytes | str, fields: Fields) -> TaskEvent:
+    """A TaskEvent from one entry of a task's event stream."""
+    f = _texts(fields)
+    event_type = EventType(f.pop(EVENT_TYPE_FIELD))
+    time_ms = int(f.pop(EVENT_TIME_FIELD))
+    return TaskEvent(id=_text(event_id), type=event_type, task=decode_task(f), time_ms=time_ms)
+
+
+# --- Lua -------------------------------------------------------------------------------------
+
+# Shared Lua helper: a {k = v} table as the flat list HSET and XADD take.
+_FLAT = """
+local function flat(t)
+  local out = {}
+  for k, v in pairs(t) do
+    out[#out + 1] = k
+    out[#out + 1] = v
+  end
+  return out
+end
+"""
+
+# KEYS: 1 knowledge base hash, 2 request key, 3 content key, 4 document hash, 5 task hash,
+#       6 task events, 7 TASKS, 8 kb tasks, 9 tasks in PENDING, 10 kb tasks in PENDING,
+#       11 QUEUE_READY, 12 kb documents.
+# ARGV[1]: JSON {request, force (booleans), request_ttl, maxlen (numbers), score, time_ms,
+#       task_id, document_id (strings), task, document (objects of string fields)}.
+# Answers {"created", event id} | {"exists"} (this very task was written already: a resent
+# command) | {"replayed", task id} | {"duplicate", document id} | {"kb_missing"}.
+_CREATE = (
+    _FLAT
+    + """
+local spec = cjson.decode(ARGV[1])
+if redis.call('EXISTS', KEYS[5]) == 1 then return {'exists'} end
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'kb_missing'} end
+if spec.request then
+  local earlier = redis.call('GET', KEYS[2])
+  if earlier then return {'replayed', earlier} end
+end
+if not spec.force then
+  local same = redis.call('GET', KEYS[3])
+  if same then return {'duplicate', same} end
+end
+local task = flat(spec.task)
+redis.call('HSET', KEYS[4], unpack(flat(spec.document)))
+redis.call('HSET', KEYS[5], unpack(task))
+redis.call('SET', KEYS[3], spec.document_id)
+if spec.request then
+  redis.call('SET', KEYS[2], spec.task_id, 'EX', spec.request_ttl)
+end
+local created = spec.task.create_time_ms
+for i = 7, 10 do redis.call('ZADD', KEYS[i], created, spec.task_id) end
+redis.call('ZADD', KEYS[11], spec.score, spec.task_id)
+redis.call('ZADD', KEYS[12], created, spec.document_id)
+local event_id = redis.call('XADD', KEYS[6], 'MAXLEN', '~', spec.maxlen, '*',
+  'event_type', 'STATE_CHANGED', 'event_time_ms', spec.time_ms, unpack(task))
+return {'created', event_id}
+"""
+)
+
+# KEYS: 1 task hash, 2 task events, 3-4 the state zsets (all, knowledge base) of the state
+#       the task is in, 5-6 those of the state it goes to (the same when it stays), 7.. zsets
+#       named by spec.zadd / spec.zrem and the idempotency key spec.once, by index.
+# ARGV[1]: JSON {id, guard {field: value}, set {field: value}, zadd [[key index, score]],
+#       zrem [key index], once (key index, 0 = none), once_ttl, event, time_ms, maxlen}.
+# Answers {"ok", event id, fields} | {"conflict", fields} (a guard field differs: nothing
+# written) | {"replayed", fields} (the idempotency key exists: nothing written) |
+# {"missing"}.
+_TRANSITION = (
+    _FLAT
+    + """
+local spec = cjson.decode(ARGV[1])
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'missing'} end
+if spec.once > 0 and redis.call('EXISTS', KEYS[spec.once]) == 1 then
+  return {'replayed', redis.call('HGETALL', KEYS[1])}
+end
+for field, want in pairs(spec.guard) do
+  if redis.call('HGET', KEYS[1], field) ~= want then
+    return {'conflict', redis.call('HGETALL', KEYS[1])}
+  end
+end
+redis.call('HSET', KEYS[1], unpack(flat(spec.set)))
+if KEYS[3] ~= KEYS[5] then
+  local created = redis.call('HGET', KEYS[1], 'create_time_ms')
+  redis.call('ZREM', KEYS[3], spec.id)
+  redis.call('ZREM', KEYS[4], spec.id)
+  redis.call('ZADD', KEYS[5], created, spec.id)
+  redis.call('ZADD', KEYS[6], created, spec.id)
+end
+for _, k in ipairs(spec.zrem) do redis.call('ZREM', KEYS[k], spec.id) end
+for _, op in ipairs(spec.zadd) do redis.call('ZADD', KEYS[op[1]], op[2], spec.id) end
+if spec.once > 0 then redis.call('SET', KEYS[spec.once], spec.id, 'EX', spec.once_ttl) end
+local fields = redis.call('HGETALL', KEYS[1])
+local event_id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', spec.maxlen, '*',
+  'event_type', spec.event, 'event_time_ms', spec.time_ms, unpack(fields))
+return {'ok', event_id, fields}
+"""
+)
+
+
+def _pairs(flat: Sequence[bytes]) -> dict[bytes, bytes]:
+    """HGETALL's flat [k1, v1, k2, v2…] reply (as returned from Lua) as a dict."""
+    return dict(zip(flat[0::2], flat[1::2], strict=True))
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+@contextlib.contextmanager
+def _redis_errors() -> Iterator[None]:
+    """Turns a lost or timed-out Redis connection into UNAVAILABLE with a retry hint."""
+    try:
+        yield
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        raise Unavailable(
+            "REDIS_UNAVAILABLE",
+            "the task store (Redis) is unreachable; retry shortly",
+            retry_after=1.0,
+        ) from exc
+
+
+def _redis_boundary(
+    fn: Callable[_P, Coroutine[Any, Any, _R]],
+) -> Callable[_P, Coroutine[Any, Any, _R]]:
+    @functools.wraps(fn)
+    async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with _redis_errors():
+            return await fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _task_not_found(task_id: str) -> NotFound:
+    return NotFound(
+        "TASK_NOT_FOUND", f"task {task_id!r} does not exist", metadata={"task_id": task_id}
+    )
+
+
+def _conflicted(task_id: str) -> Aborted:
+    return Aborted(
+        "CONCURRENT_MODIFICATION",
+        f"task {task_id!r} kept changing while this request ran; retry",
+        metadata={"task_id": task_id},
+    )
+
+
+# --- page tokens -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Cursor:
+    """Position after the last task of a page, and the filters it belongs to."""
+
+    knowledge_base_id: str
+    state: str
+    score: int
+    task_id: str
+
+    def encode(self) -> str:
+        raw = _json(
+            {"kb": self.knowledge_base_id, "state": self.state, "s": self.score, "id": self.task_id}
+        )
+        return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, token: str, knowledge_base_id: str, state: str) -> _Cursor:
+        bad = InvalidArgument(
+            "INVALID_PAGE_TOKEN",
+            "page_token is not a next_page_token of a ListTasks call with the same filters",
+        )
+        try:
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+            data = json.loads(raw)
+        except (binascii.Error, ValueError):
+            raise bad from None
+        if not isinstance(data, dict):
+            raise bad
+        score, task_id = data.get("s"), data.get("id")
+        if (
+            data.get("kb") != knowledge_base_id
+            or data.get("state") != state
+            or type(score) is not int
+            or not isinstance(task_id, str)
+        ):
+            raise bad
+        return cls(knowledge_base_id, state, score, task_id)
+
+
+# --- the store -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Transitioned:
+    """What `RedisTaskStore.transition` did.
+
+    `status` "ok": written, `task` is the record after it and `event_id` its event;
+    "conflict": a guard field changed since the task was read, nothing written, `task` is
+    the current record; "replayed": the idempotency key was set by an earlier call, nothing
+    written, `task` is the current record.
+    """
+
+    status: Literal["ok", "conflict", "replayed"]
+    task: Task
+    event_id: str = ""
+
+
+def _stream_entries(reply: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """Entries of an XREAD reply on one stream, in the RESP2 or the RESP3 shape."""
+    if not reply:
+        return []
+    streams = list(reply.values()) if isinstance(reply, dict) else [r[1] for r in reply]
+    entries: list[tuple[bytes, dict[bytes, bytes]]] = []
+    for stream in streams:
+        # RESP3 parsing may wrap the entry list in one more list.
+        items = stream[0] if stream and isinstance(stream[0], list) else stream
+        entries.extend((entry_id, fields) for entry_id, fields in items)
+    return entries
+
+
+def _scored(reply: Any) -> list[tuple[str, int]]:
+    """A ZRANGE … WITHSCORES reply as (member, score) pairs; our index scores are whole ms."""
+    return [(_text(member), int(score)) for member, score in reply]
+
+
+def _stream_id(text: str | bytes) -> tuple[int, int]:
+    ms, _, seq = _text(text).partition("-")
+    return int(ms), int(seq or 0)
+
+
+class RedisTaskStore:
+    """TaskStore on Redis (layout and scripts: module docstring).
+
+    `redis` must be a bytes client (decode_responses=False) whose socket timeout, if
+    any, is longer than `watch_block_ms`: `watch` holds a pooled connection in XREAD
+    BLOCK that long.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        request_id_ttl_seconds: int = 86400,
+        event_history: int = 10000,
+        watch_block_ms: int = 5000,
+    ) -> None:
+        self._redis = redis
+        self._request_ttl = request_id_ttl_seconds
+        self._event_history = event_history
+        self._watch_block_ms = watch_block_ms
+        self._create = redis.register_script(_CREATE)
+        self._transition = redis.register_script(_TRANSITION)
+
+    # --- reads ---
+
+    @_redis_boundary
+    async def knowledge_base_exists(self, knowledge_base_id: str) -> bool:
+        return bool(await self._redis.exists(redis_keys.knowledge_base(knowledge_base_id)))
+
+    @_redis_boundary
+    async def get_task(self, task_id: str) -> Task | None:
+        fields = await self._redis.hgetall(redis_keys.task(task_id))
+        return decode_task(fields) if fields else None
+
+    @_redis_boundary
+    async def task_for_request(self, knowledge_base_id: str, request_id: str) -> Task | None:
+        task_id = await self._redis.get(redis_keys.kb_request(knowledge_base_id, request_id))
+        return None if task_id is None else await self.get_task(_text(task_id))
+
+    @_redis_boundary
+    async def task_for_content(self, knowledge_base_id: str, sha256: str) -> Task | None:
+        document_id = await self._redis.get(redis_keys.kb_content(knowledge_base_id, sha256))
+        return None if document_id is None else await self._document_task(_text(document_id))
+
+    async def _document_task(self, document_id: str) -> Task | None:
+        task_id = await self._redis.hget(redis_keys.document(document_id), "task_id")
+        return None if task_id is None else await self.get_task(_text(task_id))
+
+    @_redis_boundary
+    async def queue_depth(self) -> int:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.zcard(redis_keys.QUEUE_READY)
+            pipe.zcard(redis_keys.QUEUE_DELAYED)
+            ready, delayed = await pipe.execute()
+        return int(ready) + int(delayed)
+
+    # --- uploads ---
+
+    @_redis_boundary
+    async def create_ingestion(self, task: Task, request_id: str, force: bool) -> CreateOutcome:
+        if task.state is not TaskState.PENDING:
+            raise ValueError(f"a new task must be PENDING, not {task.state}")
+        kb = task.knowledge_base_id
+        keys = [
+            redis_keys.knowledge_base(kb),
+            redis_keys.kb_request(kb, request_id),
+            redis_keys.kb_content(kb, task.sha256),
+            redis_keys.document(task.document_id),
+            redis_keys.task(task.id),
+            redis_keys.task_events(task.id),
+            redis_keys.TASKS,
+            redis_keys.kb_tasks(kb),
+            redis_keys.tasks_in_state(TaskState.PENDING),
+            redis_keys.kb_tasks_in_state(kb, TaskState.PENDING),
+            redis_keys.QUEUE_READY,
+            redis_keys.kb_documents(kb),
+        ]
+        spec = _json(
+            {
+                "request": bool(request_id),
+                "force": force,
+                "request_ttl": self._request_ttl,
+                "maxlen": self._event_history,
+                "score": str(queue_score(task.priority, task.create_time_ms)),
+                "time_ms": str(task.create_time_ms),
+                "task_id": task.id,
+                "document_id": task.document_id,
+                "task": encode_task(task),
+                "document": encode_document(task),
+            }
+        )
+        # An earlier task can vanish between the script and the read only if its
+        # knowledge base is being deleted; the next run of the script then says so.
+        for _ in range(_MAX_CONFLICTS):
+            reply = await self._create(keys=keys, args=[spec])
+            status = _text(reply[0])
+            if status in ("created", "exists"):
+                return CreateOutcome(task=task, created=True)
+            if status == "kb_missing":
+                raise NotFound(
+                    "KNOWLEDGE_BASE_NOT_FOUND",
+                    f"knowledge base {kb!r} does not exist",
+                    metadata={"knowledge_base_id": kb},
+                )
+            if status == "replayed":
+                earlier = await self.get_task(_text(reply[1]))
+                if earlier is not None:
+                    return CreateOutcome(task=earlier, created=False, replayed=True)
+            elif status == "duplicate":
+                same = await self._document_task(_text(reply[1]))
+                if same is not None:
+                    return CreateOutcome(task=same, created=False, duplicate=True)
+            else:
+                raise RuntimeError(f"unexpected answer from the create script: {reply!r}")
+        raise _conflicted(task.id)
+
+    # --- listing ---
+
+    @_redis_boundary
+    async def list_tasks(
+        self, knowledge_base_id: str, state: TaskState | None, page_size: int, page_token: str
+    ) -> TaskPage:
+        size = DEFAULT_PAGE_SIZE if page_size <= 0 else min(page_size, MAX_PAGE_SIZE)
+        state_filter = "" if state is None else state.value
+        if knowledge_base_id and state is not None:
+            key = redis_keys.kb_tasks_in_state(knowledge_base_id, state)
+        elif knowledge_base_id:
+            key = redis_keys.kb_tasks(knowledge_base_id)
+        elif state is not None:
+            key = redis_keys.tasks_in_state(state)
+        else:
+            key = redis_keys.TASKS
+        cursor = _Cursor.decode(page_token, knowledge_base_id, state_filter) if page_token else None
+        want = size + 1  # one more than the page tells whether another page follows
+        if cursor is None:
+            scanned = _scored(
+                await self._redis.zrange(
+                    key,
+                    "+inf",
+                    "-inf",
+                    desc=True,
+                    byscore=True,
+                    offset=0,
+                    num=want,
+                    withscores=True,
+                )
+            )
+        else:
+            # Newest first is (score, id) descending. Tasks created in the same ms as the
+            # cursor and with a lower id come next, then every task of a lower score.
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.zrange(key, cursor.score, cursor.score, desc=True, byscore=True)
+                pipe.zrange(
+                    key,
+                    f"({cursor.score}",
+                    "-inf",
+                    desc=True,
+                    byscore=True,
+                    offset=0,
+                    num=want,
+                    withscores=True,
+                )
+                same_ms, older = await pipe.execute()
+            scanned = [
+                (task_id, cursor.score)
+                for task_id in map(_text, same_ms)
+                if task_id < cursor.task_id
+            ][:want]
+            scanned += _scored(older)[: want - len(scanned)]
+        page = scanned[:size]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for task_id, _ in page:
+                pipe.hgetall(redis_keys.task(task_id))
+            records = await pipe.execute()
+        tasks = [decode_task(fields) for fields in records if fields]
+        if state is not None:
+            # A task that changed state since the index was read no longer belongs here.
+            tasks = [t for t in tasks if t.state is state]
+        next_token = ""
+        if len(scanned) > size:
+            last_id, last_score = page[-1]
+            next_token = _Cursor(knowledge_base_id, state_filter, last_score, last_id).encode()
+        return TaskPage(tasks=tasks, next_page_token=next_token)
+
+    # --- transitions ---
+
+    @_redis_boundary
+    async def transition(
+        self,
+        task: Task,
+        event: EventType,
+        changes: Mapping[str, Any],
+        *,
+        guard: Sequence[str] = (),
+        zadd: Mapping[str, float] | None = None,
+        zrem: Sequence[str] = (),
+        once_key: str = "",
+        now: int | None = None,
+    ) -> Transitioned:
+        """Atomically applies `changes` to `task` as it was read, with one event.
+
+        Nothing is written ("conflict") unless the stored state, and every attribute named
+        in `guard`, still equal `task`'s. On success the task moves between the state
+        zsets if `changes` has a new state, is added to each zset of `zadd` (key → score)
+        and removed from each of `zrem`, `once_key` (if any) is set for the request-id
+        TTL, update_time_ms becomes `now`, and an `event` entry with the whole record is
+        appended. If `once_key` exists already nothing is written ("replayed").
+        Raises NotFound(TASK_NOT_FOUND) if the task is gone.
+        """
+        if event in (EventType.SNAPSHOT, EventType.ERROR):
+            raise ValueError(f"{event} is not a stored event")
+        bad = set(changes) - (_TASK_FIELDS - _IMMUTABLE_FIELDS)
+        if bad:
+            raise ValueError(f"a transition cannot set {sorted(bad)}")
+        time_ms = now_ms() if now is None else now
+        values: dict[str, Any] = {"update_time_ms": time_ms, **changes}
+        after = dataclasses.replace(task, **values)
+        encoded_after = encode_task(after)
+        encoded_before = encode_task(task)
+        kb = task.knowledge_base_id
+        keys = [
+            redis_keys.task(task.id),
+            redis_keys.task_events(task.id),
+            redis_keys.tasks_in_state(task.state),
+            redis_keys.kb_tasks_in_state(kb, task.state),
+            redis_keys.tasks_in_state(after.state),
+            redis_keys.kb_tasks_in_state(kb, after.state),
+        ]
+
+        def index(key: str) -> int:
+            keys.append(key)
+            return len(keys)  # Lua's KEYS is 1-based
+
+        spec = {
+            "id": task.id,
+            "guard": {name: encoded_before[name] for name in ("state", *guard)},
+            "set": {name: encoded_after[name] for name in values},
+            "zadd": [[index(key), repr(float(score))] for key, score in (zadd or {}).items()],
+            "zrem": [index(key) for key in zrem],
+            "once": index(once_key) if once_key else 0,
+            "once_ttl": self._request_ttl,
+            "event": event.value,
+            "time_ms": str(time_ms),
+            "maxlen": self._event_history,
+        }
+        reply = await self._transition(keys=keys, args=[_json(spec)])
+        status = _text(reply[0])
+        if status == "missing":
+            raise _task_not_found(task.id)
+        if status == "ok":
+            return Transitioned("ok", decode_task(_pairs(reply[2])), _text(reply[1]))
+        if status == "conflict":
+            return Transitioned("conflict", decode_task(_pairs(reply[1])))
+        if status == "replayed":
+            return Transitioned("replayed", decode_task(_pairs(reply[1])))
+        raise RuntimeError(f"unexpected answer from the transition script: {reply!r}")
+
+    async def _require(self, task_id: str) -> Task:
+        fields = await self._redis.hgetall(redis_keys.task(task_id))
+        if not fields:
+            raise _task_not_found(task_id)
+        return decode_task(fields)
+
+    @_redis_boundary
+    async def cancel(self, task_id: str, reason: str) -> Task:
+        message = f"cancelled: {reason}" if reason else "cancelled"
+        task = await self._require(task_id)
+        for _ in range(_MAX_CONFLICTS):
+            if task.state.terminal:
+                raise FailedPrecondition(
+                    "TASK_ALREADY_FINISHED",
+                    f"task {task_id!r} is already {task.state.value}",
+                    metadata={"task_id": task_id, "state": task.state.value},
+                )
+            if task.state is TaskState.RUNNING:
+                if task.cancel_requested:
+                    return task
+                # The worker holding it is told; it ends the task as CANCELLED.
+                done = await self.transition(
+                    task,
+                    EventType.STATE_CHANGED,
+                    {"cancel_requested": True, "message": message},
+                )
+            else:
+                now = now_ms()
+                done = await self.transition(
+                    task,
+                    EventType.STATE_CHANGED,
+                    {
+                        "state": TaskState.CANCELLED,
+                        "stage": Stage.NONE,
+                        "message": message,
+                        "end_time_ms": now,
+                        "next_attempt_time_ms": 0,
+                    },
+                    zrem=(redis_keys.QUEUE_READY, redis_keys.QUEUE_DELAYED),
+                    now=now,
+                )
+            if done.status == "ok":
+                return done.task
+            task = done.task
+        raise _conflicted(task_id)
+
+    @_redis_boundary
+    async def retry(self, task_id: str, request_id: str) -> Task:
+        once_key = redis_keys.task_retry_request(task_id, request_id) if request_id else ""
+        task = await self._require(task_id)
+        for _ in range(_MAX_CONFLICTS):
+            if task.state not in (TaskState.FAILED, TaskState.CANCELLED):
+                if once_key and await self._redis.exists(once_key):
+                    return task  # this very retry ran before
+                raise FailedPrecondition(
+                    "TASK_NOT_RETRYABLE",
+                    f"task {task_id!r} is {task.state.value}; only FAILED or CANCELLED "
+                    "tasks can be retried",
+                    metadata={"task_id": task_id, "state": task.state.value},
+                )
+            now = now_ms()
+            # A fresh run: the last error stays in the event history only.
+            done = await self.transition(
+                task,
+                EventType.STATE_CHANGED,
+                {
+                    "state": TaskState.PENDING,
+                    "attempt": 1,
+                    "error": None,
+                    "result": None,
+                    "cancel_requested": False,
+                    "stage": Stage.NONE,
+                    "progress": 0.0,
+                    "message": "",
+                    "worker_id": "",
+                    "start_time_ms": 0,
+                    "end_time_ms": 0,
+                    "next_attempt_time_ms": 0,
+                },
+                zadd={redis_keys.QUEUE_READY: queue_score(task.priority, now)},
+                zrem=(redis_keys.QUEUE_DELAYED,),
+                once_key=once_key,
+                now=now,
+            )
+            if done.status in ("ok", "replayed"):
+                return done.task
+            task = done.task
+        raise _conflicted(task_id)
+
+    # --- events ---
+
+    async def watch(self, task_id: str, after_event_id: str) -> AsyncIterator[TaskEvent]:
+        """A snapshot (unless resuming) then every later event, until a terminal state.
+
+        The snapshot's id is the id of the last event it includes, so resuming after it
+        yields exactly the events that followed. Resuming after an id older than the
+        retained history starts with a snapshot, since events in between are lost.
+        """
+        if after_event_id and not _STREAM_ID.match(after_event_id):
+            raise InvalidArgument(
+                "INVALID_EVENT_ID",
+                "after_event_id must be an event id from an earlier WatchTask event",
+                metadata={"after_event_id": after_event_id[:64]},
+            )
+        task_key = redis_keys.task(task_id)
+        events_key = redis_keys.task_events(task_id)
+        with _redis_errors():
+            # The record and the stream position in one transaction: the snapshot is
+            # exactly the state after the last event it reports.
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hgetall(task_key)
+                pipe.xrevrange(events_key, count=1)
+                pipe.xrange(events_key, count=1)
+                fields, last, first = await pipe.execute()
+            if not fields:
+                raise _task_not_found(task_id)
+            task = decode_task(fields)
+            last_id = _text(last[0][0]) if last else "0-0"
+            cursor = after_event_id
+            if cursor and _stream_id(cursor) > _stream_id(last_id):
+                raise InvalidArgument(
+                    "INVALID_EVENT_ID",
+                    "after_event_id is newer than the task's latest event",
+                    metadata={"after_event_id": cursor, "last_event_id": last_id},
+                )
+            # Events between the cursor and the oldest one kept may have been trimmed.
+            trimmed = bool(cursor) and (not first or _stream_id(cursor) < _stream_id(first[0][0]))
+            if not cursor or trimmed:
+                yield TaskEvent(id=last_id, type=EventType.SNAPSHOT, task=task, time_ms=now_ms())
+                if task.state.terminal:
+                    return
+                cursor = last_id
+            elif task.state.terminal and cursor == last_id:
+                return  # resumed after the end: nothing more will come
+            while True:
+                reply = await self._redis.xread(
+                    {events_key: cursor}, count=100, block=self._watch_block_ms
+                )
+                entries = _stream_entries(reply)
+                if not entries and not await self._redis.exists(task_key):
+                    raise _task_not_found(task_id)
+                for entry_id, entry in entries:
+                    event = decode_event(entry_id, entry)
+                    yield event
+                    if event.task.state.terminal:
+                        return
+                    cursor = event.id
