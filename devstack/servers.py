@@ -105,8 +105,15 @@ class StartError(ServerError):
 # --------------------------------------------------------------------------- helpers
 
 
-def log_tail(path: Path, lines: int = 40) -> str:
-    """The last `lines` lines of a log file ('' if it does not exist)."""
+_START_MARKER = "devstack starts "
+
+
+def log_tail(path: Path, lines: int = 40, *, last_start_only: bool = True) -> str:
+    """The last `lines` lines of a log file ('' if it does not exist).
+
+    `last_start_only`: nothing from before the latest start (logs are appended
+    across restarts).
+    """
     try:
         with path.open("rb") as f:
             f.seek(0, os.SEEK_END)
@@ -115,7 +122,12 @@ def log_tail(path: Path, lines: int = 40) -> str:
             data = f.read()
     except OSError:
         return ""
-    return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
+    text = data.decode("utf-8", "replace").splitlines()
+    if last_start_only:
+        starts = [i for i, line in enumerate(text) if _START_MARKER in line]
+        if starts:
+            text = text[starts[-1] :]
+    return "\n".join(text[-lines:])
 
 
 _handed_out: set[int] = set()
@@ -343,7 +355,7 @@ class ServerProcess:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("ab") as log:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-            log.write(f"\n=== {stamp} devstack starts {name}: {shlex.join(args)}\n".encode())
+            log.write(f"\n=== {stamp} {_START_MARKER}{name}: {shlex.join(args)}\n".encode())
             log.flush()
         if detached:
             pid = _spawn_detached(name, args, log_path=log_path, env=env, cwd=cwd)

@@ -551,6 +551,12 @@ def _signals_raise() -> Iterator[None]:
             signal.signal(sig, old)
 
 
+def _ignore_signals() -> None:
+    """While stopping, a second Ctrl-C must not leave servers behind."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _existing(config: StackConfig) -> tuple[StackState | None, int | None]:
     """(state, exit code) if a recorded stack makes `up`/`run` stop early."""
     state = load_state(config)
@@ -573,7 +579,11 @@ def _existing(config: StackConfig) -> tuple[StackState | None, int | None]:
 
 def _start(config: StackConfig, mode: str) -> StackState | int:
     """Start everything; the state on success, an exit code on failure."""
-    _ensure_generated()
+    try:
+        _ensure_generated()
+    except subprocess.CalledProcessError as exc:
+        print(f"error: code generation failed: {exc}", file=sys.stderr, flush=True)
+        return 1
     taken = taken_ports(config)
     if taken:
         _say("cannot start the kbmesh stack: ports are taken by something else:")
@@ -590,13 +600,14 @@ def _start(config: StackConfig, mode: str) -> StackState | int:
     try:
         with _signals_raise():
             start_parts(config, state, save_state, detached=mode == "up")
-    except (ServerError, _Interrupted, KeyboardInterrupt, subprocess.CalledProcessError) as exc:
+    except (ServerError, _Interrupted, KeyboardInterrupt) as exc:
         if isinstance(exc, ServerError):
             print(f"\nerror: {exc}\n", file=sys.stderr, flush=True)
         else:
             _say(f"\ninterrupted ({exc or 'SIGINT'})")
         if state.processes:
             _say("stopping what was started:")
+            _ignore_signals()
             stop_parts(state.processes)
         clear_state(config)
         return 1 if isinstance(exc, ServerError) else 130
@@ -649,10 +660,7 @@ def run(config: StackConfig) -> int:
                 time.sleep(0.5)
     except (_Interrupted, KeyboardInterrupt) as exc:
         _say(f"\n{exc or 'SIGINT'}: stopping")
-    # A second Ctrl-C while stopping must not leave servers behind.
-    with contextlib.suppress(Exception):
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _ignore_signals()
     ok = stop_parts(state.processes)
     clear_state(config)
     return exit_code if ok else 1
@@ -672,6 +680,10 @@ def down(config: StackConfig, *, timeout: float | None = None) -> int:
         deadline = time.monotonic() + 60
         while state.runner_alive() and time.monotonic() < deadline:
             time.sleep(0.2)
+        if not any(proc.is_alive() for proc in state.processes.values()):
+            clear_state(config)
+            _say("the kbmesh stack is down")
+            return 0
     _say("stopping the kbmesh stack:")
     ok = stop_parts(state.processes, timeout=timeout)
     if not ok:

@@ -17,6 +17,10 @@ from typing import Any
 import aioboto3
 from botocore.config import Config as BotoConfig
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.common.settings import RedisSettings, S3Settings
 
@@ -51,6 +55,10 @@ async def open_redis(settings: RedisSettings) -> AsyncIterator[Redis]:
         decode_responses=False,
         health_check_interval=10,
         socket_keepalive=True,
+        # A pooled connection to a Redis that restarted fails once with
+        # "connection closed": reconnect and retry instead of failing the RPC.
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries=5),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
     try:
         await wait_until("Redis", client.ping, settings.connect_timeout_seconds)
