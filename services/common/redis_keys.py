@@ -14,6 +14,10 @@ PREFIX = "kbmesh:"
 QUEUE_READY = PREFIX + "queue:ready"
 # zset task id -> time (ms) at which a backing-off task becomes ready again.
 QUEUE_DELAYED = PREFIX + "queue:delayed"
+# zset task id -> time (ms) its callback POST is due: the callback outbox. A
+# task enters it when it reaches a terminal state with a callback URL, in the
+# same atomic step; the sender claims it by pushing the time past a lease.
+CALLBACKS_DUE = PREFIX + "callbacks:due"
 # zset of every task id by creation time (ListTasks without filters).
 TASKS = PREFIX + "tasks"
 # zset of every knowledge base id, all at score 0: ordered by (time-ordered) id.

@@ -708,6 +708,10 @@ class RedisTaskStore:
         time_ms = now_ms() if now is None else now
         values: dict[str, Any] = {"update_time_ms": time_ms, **changes}
         after = dataclasses.replace(task, **values)
+        zadd = dict(zadd or {})
+        if after.state.terminal and not task.state.terminal and after.callback_url:
+            # The callback outbox: delivered by the callback sender, with retries.
+            zadd[redis_keys.CALLBACKS_DUE] = float(time_ms)
         encoded_after = encode_task(after)
         encoded_before = encode_task(task)
         kb = task.knowledge_base_id
@@ -728,7 +732,7 @@ class RedisTaskStore:
             "id": task.id,
             "guard": {name: encoded_before[name] for name in ("state", *guard)},
             "set": {name: encoded_after[name] for name in values},
-            "zadd": [[index(key), repr(float(score))] for key, score in (zadd or {}).items()],
+            "zadd": [[index(key), repr(float(score))] for key, score in zadd.items()],
             "zrem": [index(key) for key in zrem],
             "once": index(once_key) if once_key else 0,
             "once_ttl": self._request_ttl,
