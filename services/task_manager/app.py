@@ -13,6 +13,7 @@ from kbmesh.knowledge.v1 import knowledge_pb2
 from kbmesh.taskmanager.v1 import task_manager_pb2_grpc, worker_pb2_grpc
 from services.common.connections import open_redis, open_s3
 from services.common.host import ServiceHost
+from services.task_manager.adapters.redis_callbacks import RedisCallbackOutbox
 from services.task_manager.adapters.redis_store import RedisTaskStore
 from services.task_manager.adapters.s3_storage import S3ObjectStore
 from services.task_manager.api import (
@@ -21,6 +22,7 @@ from services.task_manager.api import (
     TaskManagerApi,
     WorkerApi,
 )
+from services.task_manager.callbacks import CallbackSender
 from services.task_manager.domain.upload import UploadLimits, Uploads
 from services.task_manager.settings import TaskManagerSettings
 
@@ -70,6 +72,11 @@ async def build_app(settings: TaskManagerSettings) -> AsyncIterator[TaskManagerA
                 retry_after_seconds=limits.retry_after_seconds,
             ),
         )
+        callbacks = CallbackSender(
+            tasks, RedisCallbackOutbox(redis), settings.callbacks, limits.callback_allow_list
+        )
+        callbacks.start()
+        stack.push_async_callback(callbacks.stop)
         server = host.server
         task_manager_pb2_grpc.add_TaskManagerServiceServicer_to_server(
             TaskManagerApi(uploads, tasks), server

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.settings import GrpcSettings, LogSettings, RedisSettings, S3Settings
@@ -33,6 +33,29 @@ class UploadSettings(BaseModel):
     request_id_ttl_seconds: int = Field(default=86_400, ge=60)
 
 
+class CallbackSettings(BaseModel):
+    """Delivery of callbacks (signed POSTs on terminal states); the allow-list of
+    callback URLs is `uploads.callback_allow_list`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # HMAC-SHA256 key for the X-Kbmesh-Signature header. Set your own in production.
+    secret: SecretStr = SecretStr("kbmesh-dev-callback-secret")
+    # Attempts per callback before giving up (each is recorded on the task).
+    max_attempts: int = Field(default=8, ge=1, le=100)
+    # Backoff between attempts: exponential from base, at most cap (seconds, jittered).
+    backoff_base_seconds: float = Field(default=1.0, gt=0)
+    backoff_cap_seconds: float = Field(default=300.0, gt=0)
+    # Per-request timeout, seconds.
+    timeout_seconds: float = Field(default=10.0, gt=0)
+    # How long a claimed callback is held by one sender before another may retry it.
+    claim_seconds: float = Field(default=60.0, gt=0)
+    # How often an idle sender looks for due callbacks, seconds.
+    poll_interval_seconds: float = Field(default=0.5, gt=0)
+    # Deliveries in flight per replica.
+    max_concurrent: int = Field(default=32, ge=1)
+
+
 class TaskManagerSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="KBMESH_TASK_MANAGER_", env_nested_delimiter="__", frozen=True, extra="ignore"
@@ -43,3 +66,4 @@ class TaskManagerSettings(BaseSettings):
     redis: RedisSettings = RedisSettings()
     s3: S3Settings = S3Settings()
     uploads: UploadSettings = UploadSettings()
+    callbacks: CallbackSettings = CallbackSettings()
