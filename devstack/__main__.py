@@ -7,6 +7,7 @@ variables (ports, state directory) it reads.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from devstack import stack
@@ -44,4 +45,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # `python -m devstack status | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

@@ -451,15 +451,35 @@ class ServerProcess:
             if time.monotonic() >= deadline:
                 return not self.is_alive()
 
+    def wait_reaped(self, timeout: float) -> None:
+        """Give init a moment to reap a dead detached server (no zombie in ps)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = _proc_stat(self.pid)
+            if info is None or info.start_time != self.start_time:
+                return
+            time.sleep(_POLL)
+
+    def _pid_reused(self) -> bool:
+        """Whether our pid now names another process (ours died long ago)."""
+        info = _proc_stat(self.pid)
+        return (
+            info is not None
+            and self.start_time is not None
+            and (info.start_time != self.start_time)
+        )
+
     def _session_stragglers(self) -> list[int]:
         # The session id is the leader's pid. Linux never hands a pid out while
         # a session or group of that id exists, so every member is ours.
         return [pid for pid in _session_members(self.pid) if pid != self.pid]
 
-    def stop(self, timeout: float | None = None) -> int | None:
+    def stop(self, timeout: float | None = None, *, reap_timeout: float = 3.0) -> int | None:
         """SIGTERM, wait up to `timeout` s, then SIGKILL; also stops what it forked.
 
         Idempotent. Returns the exit status when known (process started here).
+        A detached server is reaped by init, not by us: wait up to
+        `reap_timeout` s for that so no zombie shows in ``ps`` (0: don't wait).
         """
         timeout = self.stop_timeout if timeout is None else timeout
         was_ours = self.is_alive()
@@ -469,7 +489,8 @@ class ServerProcess:
                 for pid in [self.pid, *self._session_stragglers()]:
                     _signal(pid, signal.SIGKILL)
                 self._wait_dead(10.0)
-        if was_ours or self.popen is not None:
+        if was_ours or self.popen is not None or not self._pid_reused():
+            # Also after a crash: whatever the server forked may still run.
             stragglers = self._session_stragglers()
             for pid in stragglers:
                 _signal(pid, signal.SIGTERM)
@@ -481,6 +502,8 @@ class ServerProcess:
                 _signal(pid, signal.SIGKILL)
         if self.popen is not None and self.popen.poll() is None:
             self.popen.wait()
+        if self.popen is None and was_ours:
+            self.wait_reaped(reap_timeout)
         if not self.is_alive():
             for path in self.cleanup_paths:
                 with contextlib.suppress(OSError):
@@ -842,8 +865,9 @@ def start_seaweedfs(
         "-s3",
         f"-s3.port={ports.s3}",
         f"-s3.port.grpc={ports.s3_grpc}",
-        "-s3.port.iceberg=0",
+        "-s3.port.iceberg=0",  # Iceberg and Lance side ports: off
         "-s3.port.lance=0",
+        "-s3.iam=false",  # no embedded IAM API: no identities, auth stays off
     ]
     s3 = S3Settings(
         endpoint_url=f"http://{host}:{ports.s3}",
@@ -1021,8 +1045,7 @@ def start_envoy(
         raise StartError(
             "envoy", f"descriptor {descriptor} missing: run `python -m devstack.codegen` first"
         )
-    check_host = LOOPBACK if listen_host in ("0.0.0.0", "") else listen_host
-    require_free_ports({"envoy": listen_port}, check_host)
+    require_free_ports({"envoy": listen_port}, listen_host or "0.0.0.0")
     require_free_ports({"envoy admin": admin_port}, LOOPBACK)
     run_dir.mkdir(parents=True, exist_ok=True)
     config = render_envoy_config(

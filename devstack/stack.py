@@ -90,6 +90,19 @@ def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
     return value
 
 
+def _env_float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SystemExit(f"{name}={raw!r} is not a number of seconds") from None
+    if value <= 0:
+        raise SystemExit(f"{name}={raw!r} must be positive")
+    return value
+
+
 @dataclass(frozen=True)
 class StackConfig:
     """Where the stack keeps its state and which ports it uses."""
@@ -135,7 +148,7 @@ class StackConfig:
             region=env.get("KBMESH_S3_REGION") or d.region,
             log_level=env.get("KBMESH_LOG_LEVEL") or d.log_level,
             log_format=env.get("KBMESH_LOG_FORMAT") or d.log_format,
-            start_timeout=float(env.get("KBMESH_START_TIMEOUT") or d.start_timeout),
+            start_timeout=_env_float(env, "KBMESH_START_TIMEOUT", d.start_timeout),
         )
 
     @classmethod
@@ -413,7 +426,7 @@ def taken_ports(config: StackConfig) -> list[str]:
     """One line per port of the stack that something else holds."""
     taken = []
     for label, (var, port) in config.ports().items():
-        host = config.envoy_client_host if label == "Envoy" else LOOPBACK
+        host = (config.envoy_host or "0.0.0.0") if label == "Envoy" else LOOPBACK
         if not servers.port_is_free(port, host):
             taken.append(f"  {label}: port {port} is in use (set {var} to use another)")
     return taken
@@ -511,11 +524,11 @@ def stop_parts(processes: Mapping[str, ServerProcess], *, timeout: float | None 
     def stop_one(part: str) -> None:
         proc = processes[part]
         if not proc.is_alive():
-            proc.stop(timeout)  # still sweeps stragglers and leftover sockets
+            proc.stop(timeout, reap_timeout=0)  # still sweeps stragglers and sockets
             _say(f"  {part:<13} was not running")
             return
         began = time.monotonic()
-        code = proc.stop(timeout)
+        code = proc.stop(timeout, reap_timeout=0)
         status = "" if code is None else f", exit status {code}"
         _say(f"  {part:<13} stopped (pid {proc.pid}, {time.monotonic() - began:.1f} s{status})")
 
@@ -528,6 +541,9 @@ def stop_parts(processes: Mapping[str, ServerProcess], *, timeout: float | None 
         thread.start()
     for thread in threads:
         thread.join()
+    deadline = time.monotonic() + 3.0
+    for proc in processes.values():  # let init reap them: no zombies in `ps`
+        proc.wait_reaped(max(0.0, deadline - time.monotonic()))
     return not any(p.is_alive() for p in processes.values())
 
 

@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 
 import aioboto3
+import botocore.exceptions
 import pytest
 import redis
 import yaml
@@ -101,8 +102,10 @@ def test_two_seaweedfs_instances_run_side_by_side(s3_server: SeaweedServer, tmp_
         try:
             other_client.put_object(Bucket="kbmesh-other", Key=key, Body=b"x")
             assert other_client.get_object(Bucket="kbmesh-other", Key=key)["Body"].read() == b"x"
-            buckets = {b["Name"] for b in first_client.list_buckets().get("Buckets", [])}
-            assert "kbmesh-other" not in buckets
+            # Separate stores: the session instance has no such bucket.
+            with pytest.raises(botocore.exceptions.ClientError) as missing:
+                first_client.head_bucket(Bucket="kbmesh-other")
+            assert missing.value.response["Error"]["Code"] in ("404", "NoSuchBucket")
         finally:
             other_client.close()
             first_client.close()
