@@ -50,7 +50,8 @@ class S3ObjectWriter:
         self._content_type = content_type
         self._part_size = part_size
         self._in_flight = in_flight
-        self._buffer = bytearray()
+        self._chunks: list[bytes] = []
+        self._buffered = 0
         self._upload_id: str | None = None
         self._pending: list[asyncio.Task[dict[str, Any]]] = []
         self._parts: list[dict[str, Any]] = []
@@ -58,11 +59,20 @@ class S3ObjectWriter:
         self._finished = False
 
     async def write(self, data: bytes) -> None:
-        self._buffer += data
-        while len(self._buffer) >= self._part_size:
-            part = bytes(self._buffer[: self._part_size])
-            del self._buffer[: self._part_size]
-            await self._send_part(part)
+        # Chunks are kept as received and joined once per part: one copy per
+        # byte, no reslicing of a growing buffer.
+        self._chunks.append(data)
+        self._buffered += len(data)
+        while self._buffered >= self._part_size:
+            await self._send_part(self._take(self._part_size))
+
+    def _take(self, size: int) -> bytes:
+        """Removes and returns the first `size` buffered bytes (all if fewer)."""
+        joined = b"".join(self._chunks)
+        part, rest = joined[:size], joined[size:]
+        self._chunks = [rest] if rest else []
+        self._buffered = len(rest)
+        return part
 
     async def _send_part(self, body: bytes) -> None:
         if self._upload_id is None:
@@ -94,15 +104,15 @@ class S3ObjectWriter:
 
     async def complete(self) -> None:
         if self._upload_id is None:
-            body = bytes(self._buffer)
+            body = self._take(self._buffered)
             await _s3_call(
                 lambda: self._client.put_object(
                     Bucket=self._bucket, Key=self._key, Body=body, ContentType=self._content_type
                 )
             )
         else:
-            if self._buffer:
-                await self._send_part(bytes(self._buffer))
+            if self._buffered:
+                await self._send_part(self._take(self._buffered))
             for task in self._pending:
                 self._parts.append(await task)
             self._pending.clear()
@@ -115,7 +125,6 @@ class S3ObjectWriter:
                     MultipartUpload={"Parts": parts},
                 )
             )
-        self._buffer = bytearray()
         self._finished = True
 
     async def abort(self) -> None:
@@ -123,7 +132,7 @@ class S3ObjectWriter:
         if self._finished:
             return
         self._finished = True
-        self._buffer = bytearray()
+        self._chunks, self._buffered = [], 0
         for task in self._pending:
             task.cancel()
         for task in self._pending:

@@ -72,6 +72,9 @@ class UploadResult:
     task: Task
     duplicate: bool
     replayed: bool
+    # Milliseconds from the last byte received to the task being durable (the
+    # part of the answer's latency the service owns); 0 when nothing was stored.
+    ack_ms: float = 0.0
 
 
 def _invalid(reason: str, message: str, **metadata: str) -> InvalidArgument:
@@ -225,7 +228,7 @@ class Uploads:
 
         content_type = guess_content_type(header)
         object_key = f"kb/{kb}/objects/{new_id()}"
-        size, sha256 = await self._store(header, object_key, content_type, chunks)
+        size, sha256, last_byte = await self._store(header, object_key, content_type, chunks)
         created = now_ms()
         task = Task(
             id=new_id(created),
@@ -254,12 +257,18 @@ class Uploads:
             raise
         if not outcome.created:
             await self._objects.delete(object_key)
-        return UploadResult(outcome.task, duplicate=outcome.duplicate, replayed=outcome.replayed)
+        return UploadResult(
+            outcome.task,
+            duplicate=outcome.duplicate,
+            replayed=outcome.replayed,
+            ack_ms=(time.perf_counter() - last_byte) * 1000,
+        )
 
     async def _store(
         self, header: UploadHeader, key: str, content_type: str, chunks: AsyncIterator[bytes]
-    ) -> tuple[int, str]:
-        """Streams the bytes into a new object; returns (size, sha256)."""
+    ) -> tuple[int, str, float]:
+        """Streams the bytes into a new object; returns (size, sha256, the
+        perf_counter time the last byte arrived)."""
         limit = self._limits.max_upload_bytes
         declared = header.declared_size_bytes
         writer = await self._objects.open_writer(key, content_type)
@@ -278,6 +287,7 @@ class Uploads:
                     )
                 digest.update(chunk)
                 await writer.write(chunk)
+            last_byte = time.perf_counter()
             if size == 0:
                 raise _invalid("EMPTY_FILE", "the uploaded file is empty")
             if declared and size != declared:
@@ -299,4 +309,4 @@ class Uploads:
             # Client gone, limit crossed, storage failed: nothing may remain.
             await asyncio.shield(writer.abort())
             raise
-        return size, sha256
+        return size, sha256, last_byte

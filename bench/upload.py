@@ -1,0 +1,322 @@
+"""Upload benchmark: the Task Manager against a direct S3 upload, in one run.
+
+Starts its own Redis, SeaweedFS, Task Manager, Knowledge Service and Envoy on
+free ports (devstack), then measures on the same machine, same S3:
+
+1. baseline: a direct aioboto3 multipart upload (`upload_fileobj`) of N bytes;
+2. the same bytes streamed through the Task Manager's gRPC `Upload`
+   (ratio vs 1; target >= 0.9), sampling the Task Manager's RSS (target:
+   growth < 64 MB for 1 GB);
+3. the same bytes as a raw-body REST POST through Envoy (ratio vs 1; target
+   >= 0.8);
+4. ack latency: 100 uploads in flight at once; for each, the time from the
+   client's last byte to the answer (target p99 <= 50 ms).
+
+    .venv/bin/python bench/upload.py [--size-mb 1024] [--concurrent 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aioboto3
+import aiohttp
+import grpc
+from boto3.s3.transfer import TransferConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from devstack import servers
+from kbmesh.knowledge.v1 import knowledge_pb2 as kn
+from kbmesh.knowledge.v1 import knowledge_pb2_grpc as kn_grpc
+from kbmesh.taskmanager.v1 import task_manager_pb2 as tm
+from kbmesh.taskmanager.v1 import task_manager_pb2_grpc as tm_grpc
+
+MIB = 1024 * 1024
+CHUNK = MIB  # client message size (Envoy also splits REST bodies into ≤ 1 MiB)
+BLOCK = os.urandom(64 * MIB)  # repeated: S3 does not deduplicate
+
+
+def chunks(size: int) -> Iterator[bytes]:
+    sent = 0
+    while sent < size:
+        offset = sent % len(BLOCK)
+        piece = BLOCK[offset : offset + min(CHUNK, size - sent, len(BLOCK) - offset)]
+        sent += len(piece)
+        yield piece
+
+
+class Stream(io.RawIOBase):
+    """A file-like view of `chunks(size)`, for boto's upload_fileobj."""
+
+    def __init__(self, size: int) -> None:
+        self._chunks = chunks(size)
+        self._pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if not self._pending:
+            self._pending = next(self._chunks, b"")
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+@dataclass
+class Stack:
+    s3: servers.S3Settings
+    tm_address: str
+    tm_pid: int
+    tm_log: Path
+    ks_address: str
+    envoy_url: str
+
+
+def server_ack_ms(log: Path, last: int) -> list[float]:
+    """`ack_ms` of the last `last` acknowledged uploads in the Task Manager's log:
+    last byte received -> object and task durable, measured by the service."""
+    values = []
+    for line in log.read_text().splitlines():
+        if '"upload acknowledged"' in line:
+            values.append(float(json.loads(line)["ack_ms"]))
+    return values[-last:]
+
+
+def start_stack(workdir: Path, closer: ExitStack) -> Stack:
+    redis = closer.enter_context(
+        servers.start_redis(
+            port=servers.find_free_port(), data_dir=workdir / "redis", log_path=workdir / "r.log"
+        )
+    )
+    weed = closer.enter_context(
+        servers.start_seaweedfs(
+            ports=servers.WeedPorts.allocate(),
+            data_dir=workdir / "s3",
+            log_path=workdir / "s3.log",
+            config_dir=workdir / "s3-config",
+            bucket="kbmesh-bench",
+        )
+    )
+    s3 = weed.s3
+    task_manager = closer.enter_context(
+        servers.start_service(
+            "task_manager",
+            port=servers.find_free_port(),
+            redis_url=redis.url,
+            s3=s3,
+            log_path=workdir / "tm.log",
+            extra_env={"KBMESH_TASK_MANAGER_UPLOADS__MAX_BYTES": str(64 * 1024**3)},
+        )
+    )
+    knowledge = closer.enter_context(
+        servers.start_service(
+            "knowledge",
+            port=servers.find_free_port(),
+            redis_url=redis.url,
+            s3=s3,
+            log_path=workdir / "ks.log",
+            task_manager_address=task_manager.address,
+        )
+    )
+    envoy = closer.enter_context(
+        servers.start_envoy(
+            listen_port=servers.find_free_port(),
+            admin_port=servers.find_free_port(),
+            upstreams={"task_manager": [task_manager.address], "knowledge": [knowledge.address]},
+            run_dir=workdir / "envoy",
+            log_path=workdir / "envoy.log",
+        )
+    )
+    return Stack(
+        s3,
+        task_manager.address,
+        task_manager.pid,
+        workdir / "tm.log",
+        knowledge.address,
+        envoy.http_url,
+    )
+
+
+async def direct_s3(stack: Stack, size: int) -> float:
+    session = aioboto3.Session()
+    async with session.client(
+        "s3",
+        endpoint_url=stack.s3.endpoint_url,
+        aws_access_key_id=stack.s3.access_key_id,
+        aws_secret_access_key=stack.s3.secret_access_key,
+        region_name=stack.s3.region,
+    ) as client:
+        start = time.perf_counter()
+        await client.upload_fileobj(
+            Stream(size),
+            stack.s3.bucket,
+            f"bench/direct-{time.time_ns()}",
+            Config=TransferConfig(multipart_chunksize=8 * MIB),
+        )
+        return time.perf_counter() - start
+
+
+async def create_kb(stack: Stack) -> str:
+    async with grpc.aio.insecure_channel(stack.ks_address) as channel:
+        kb = await kn_grpc.KnowledgeServiceStub(channel).CreateKnowledgeBase(
+            kn.CreateKnowledgeBaseRequest(
+                knowledge_base=kn.KnowledgeBase(name=f"bench-{time.time_ns()}")
+            )
+        )
+        return str(kb.id)
+
+
+async def grpc_messages(kb: str, size: int, name: str) -> AsyncIterator[tm.UploadRequest]:
+    yield tm.UploadRequest(knowledge_base_id=kb, filename=name, declared_size_bytes=size)
+    for piece in chunks(size):
+        yield tm.UploadRequest(file={"data": piece})
+
+
+async def through_task_manager(stack: Stack, kb: str, size: int) -> tuple[float, int]:
+    """(seconds, RSS growth in bytes of the Task Manager during the upload)."""
+    baseline = rss_bytes(stack.tm_pid)
+    peak = baseline
+    done = asyncio.Event()
+
+    async def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, rss_bytes(stack.tm_pid))
+            await asyncio.sleep(0.05)
+
+    sampler = asyncio.create_task(sample())
+    async with grpc.aio.insecure_channel(stack.tm_address) as channel:
+        stub = tm_grpc.TaskManagerServiceStub(channel)
+        start = time.perf_counter()
+        answer = await stub.Upload(grpc_messages(kb, size, "big.bin"))
+        elapsed = time.perf_counter() - start
+    done.set()
+    await sampler
+    assert answer.task.size_bytes == size
+    return elapsed, peak - baseline
+
+
+async def through_envoy(stack: Stack, kb: str, size: int) -> float:
+    async def body() -> AsyncIterator[bytes]:
+        for piece in chunks(size):
+            yield piece
+
+    url = f"{stack.envoy_url}/api/v1/knowledge-bases/{kb}/documents:upload?filename=rest.bin"
+    timeout = aiohttp.ClientTimeout(total=None)
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+        start = time.perf_counter()
+        async with http.post(url, data=body()) as response:
+            answer = await response.json()
+        elapsed = time.perf_counter() - start
+    assert response.status == 200, answer
+    return elapsed
+
+
+async def ack_latencies(
+    stack: Stack, kb: str, in_flight: int, rounds: int, max_size: int
+) -> list[float]:
+    """`in_flight` clients each upload `rounds` files of random size back to back
+    (staggered starts), so about `in_flight` uploads are always streaming.
+    Returns, per upload, seconds from the client's last byte to the answer."""
+    rng = random.Random(7)
+    async with grpc.aio.insecure_channel(stack.tm_address) as channel:
+        stub = tm_grpc.TaskManagerServiceStub(channel)
+
+        async def one(name: str, size: int) -> float:
+            last_byte = 0.0
+
+            async def messages() -> AsyncIterator[tm.UploadRequest]:
+                nonlocal last_byte
+                yield tm.UploadRequest(knowledge_base_id=kb, filename=name)
+                for piece in chunks(size):
+                    yield tm.UploadRequest(file={"data": piece})
+                last_byte = time.perf_counter()
+
+            await stub.Upload(messages())
+            return time.perf_counter() - last_byte
+
+        async def client(c: int) -> list[float]:
+            await asyncio.sleep(rng.random())
+            return [
+                await one(f"{c}-{r}.bin", rng.randint(16 * 1024, max_size)) for r in range(rounds)
+            ]
+
+        per_client = await asyncio.gather(*(client(c) for c in range(in_flight)))
+    return [latency for latencies in per_client for latency in latencies]
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mb", type=int, default=1024, help="size of the big upload")
+    parser.add_argument("--concurrent", type=int, default=100, help="uploads in flight")
+    parser.add_argument("--rounds", type=int, default=5, help="uploads per concurrent client")
+    parser.add_argument("--max-kb", type=int, default=512, help="largest of those uploads")
+    args = parser.parse_args()
+    size = args.size_mb * MIB
+    with tempfile.TemporaryDirectory(prefix="kbmesh-bench-") as tmp, ExitStack() as closer:
+        stack = start_stack(Path(tmp), closer)
+        kb = await create_kb(stack)
+        await direct_s3(stack, 16 * MIB)  # warm up connections and the volume
+        direct = await direct_s3(stack, size)
+        via_tm, rss_growth = await through_task_manager(stack, kb, size)
+        via_envoy = await through_envoy(stack, kb, size)
+        acks = await ack_latencies(stack, kb, args.concurrent, args.rounds, args.max_kb * 1024)
+        served = server_ack_ms(stack.tm_log, len(acks))
+    mb = size / MIB
+    print(f"upload of {mb:.0f} MiB (same machine, same SeaweedFS):")
+    print(f"  direct aioboto3 multipart  {mb / direct:8.1f} MiB/s   (baseline)")
+    print(
+        f"  Task Manager gRPC          {mb / via_tm:8.1f} MiB/s   "
+        f"ratio {direct / via_tm:.2f} (target >= 0.90)"
+    )
+    print(
+        f"  Envoy REST raw body        {mb / via_envoy:8.1f} MiB/s   "
+        f"ratio {direct / via_envoy:.2f} (target >= 0.80)"
+    )
+    print(f"  Task Manager RSS growth    {rss_growth / MIB:8.1f} MiB      (target < 64 MiB)")
+    print(
+        f"ack latency, {args.concurrent} uploads in flight ({len(acks)} uploads of "
+        f"16-{args.max_kb} KiB):"
+    )
+    print(
+        f"  service (last byte received -> task durable): p50 {statistics.median(served):.1f} ms,"
+        f" p99 {percentile(served, 99):.1f} ms (target p99 <= 50 ms)"
+    )
+    print(
+        f"  client (last byte handed to gRPC -> answer):  p50 "
+        f"{statistics.median(acks) * 1000:.1f} ms, p99 {percentile(acks, 99) * 1000:.1f} ms"
+        " (includes the client's own send queue)"
+    )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
