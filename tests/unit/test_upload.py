@@ -335,3 +335,22 @@ async def test_task_store_failure_removes_the_stored_object(
         await uploads(tasks, objects).upload(header(), stream(b"x"))
     assert objects.objects == {}
     assert tasks.tasks == {}
+
+
+@pytest.mark.parametrize(
+    ("declared", "filename", "expected"),
+    [
+        ("", "a.pdf", "application/pdf"),
+        ("application/octet-stream", "a.md", "text/markdown"),
+        ("application/x-www-form-urlencoded", "notes.txt", "text/plain"),
+        ("Text/HTML; charset=utf-8", "x.bin", "text/html"),
+        ("", "no-extension", "application/octet-stream"),
+    ],
+)
+async def test_content_type_from_declaration_or_name(
+    tasks: MemoryTasks, objects: MemoryObjects, declared: str, filename: str, expected: str
+) -> None:
+    result = await uploads(tasks, objects).upload(
+        header(content_type=declared, filename=filename), stream(b"x")
+    )
+    assert result.task.content_type == expected

@@ -164,11 +164,17 @@ def too_large(limit: int) -> ResourceExhausted:
     )
 
 
+# Types that say nothing about a file: generic binary, and what curl and HTML
+# forms send by default for a raw body. The file name decides instead.
+_UNINFORMATIVE_TYPES = {"", "application/octet-stream", "application/x-www-form-urlencoded"}
+
+
 def guess_content_type(header: UploadHeader) -> str:
-    if header.content_type and header.content_type != "application/octet-stream":
-        return header.content_type
+    declared = header.content_type.split(";")[0].strip().lower()
+    if declared not in _UNINFORMATIVE_TYPES:
+        return declared
     guessed, _ = mimetypes.guess_type(header.filename, strict=False)
-    return guessed or header.content_type or "application/octet-stream"
+    return guessed or "application/octet-stream"
 
 
 def now_ms() -> int:
