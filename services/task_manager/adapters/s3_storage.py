@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from datetime import datetime
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -181,3 +182,27 @@ class S3ObjectStore:
 
     async def delete(self, key: str) -> None:
         await _s3_call(lambda: self._client.delete_object(Bucket=self._bucket, Key=key))
+
+    async def abort_stale_uploads(self, prefix: str, older_than: datetime) -> int:
+        """Aborts multipart uploads under `prefix` started before `older_than`.
+
+        Uploads abort their own multipart upload on every failure a process
+        survives; this sweeps what a killed Task Manager left behind."""
+        aborted = 0
+        paginator = self._client.get_paginator("list_multipart_uploads")
+        async for page in paginator.paginate(Bucket=self._bucket, Prefix=prefix):
+            for upload in page.get("Uploads", []):
+                if upload["Initiated"] >= older_than:
+                    continue
+                await self._abort_upload(str(upload["Key"]), str(upload["UploadId"]))
+                aborted += 1
+        if aborted:
+            log.info("aborted stale multipart uploads", extra={"count": aborted})
+        return aborted
+
+    async def _abort_upload(self, key: str, upload_id: str) -> None:
+        await _s3_call(
+            lambda: self._client.abort_multipart_upload(
+                Bucket=self._bucket, Key=key, UploadId=upload_id
+            )
+        )
