@@ -12,6 +12,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
+BENCH_INSTALLED := $(VENV)/.installed-bench
 GENERATED := build/.generated
 PROTO_FILES := $(shell find protos -name '*.proto')
 PYTEST_ARGS ?=
@@ -60,7 +61,12 @@ fmt: $(INSTALLED) ## format and auto-fix
 test: lint ## lint, then every test (unit, integration on real servers, e2e through Envoy)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-bench: $(GENERATED) ## run every benchmark in bench/ (each prints ratios against its baseline)
+# Baselines the benchmarks compare against (Celery), never needed to run kbmesh.
+$(BENCH_INSTALLED): $(INSTALLED) pyproject.toml
+	$(PY) -m pip install --quiet -e '.[bench]'
+	@touch $@
+
+bench: $(GENERATED) $(BENCH_INSTALLED) ## run every benchmark in bench/ (each prints ratios against its baseline)
 	@set -e; found=0; for b in bench/*.py; do \
 	  [ -e "$$b" ] || continue; found=1; echo "== $$b"; $(PY) "$$b"; done; \
 	  [ $$found = 1 ] || echo "no benchmarks in bench/ yet"

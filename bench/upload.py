@@ -140,6 +140,8 @@ def start_stack(workdir: Path, closer: ExitStack) -> Stack:
             s3=s3,
             log_path=workdir / "ks.log",
             task_manager_address=task_manager.address,
+            # Uploads only: no worker competing for the CPU.
+            extra_env={"KBMESH_KNOWLEDGE_WORKER__ENABLED": "false"},
         )
     )
     envoy = closer.enter_context(

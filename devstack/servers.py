@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
+import json
 import os
 import shlex
 import shutil
@@ -60,6 +61,10 @@ SERVICE_ENV_PREFIXES: dict[ServiceKind, str] = {
     "task_manager": "KBMESH_TASK_MANAGER_",
     "knowledge": "KBMESH_KNOWLEDGE_",
 }
+# The worker token of local stacks and tests (`KBMESH_WORKER_TOKEN` overrides it
+# for `make up`); production sets its own (docs/worker-protocol.md).
+DEV_WORKER_TOKEN = "kbmesh-dev-worker-token"
+WORKER_MODULE = "services.knowledge.worker"
 # Envoy cluster names in gateway/envoy.yaml, one per service.
 ENVOY_CLUSTERS: dict[ServiceKind, str] = {"task_manager": "task_manager", "knowledge": "knowledge"}
 
@@ -1110,6 +1115,7 @@ def service_env(
     log_format: str = "json",
     extra: Mapping[str, str] | None = None,
     base: Mapping[str, str] | None = None,
+    worker_token: str = DEV_WORKER_TOKEN,
 ) -> dict[str, str]:
     """The environment a service process gets (settings as env vars)."""
     p = SERVICE_ENV_PREFIXES[kind]
@@ -1133,6 +1139,12 @@ def service_env(
         if task_manager_address is None:
             raise ValueError("the Knowledge Service needs task_manager_address")
         env["KBMESH_KNOWLEDGE_TASK_MANAGER__ADDRESS"] = task_manager_address
+    # Workers authenticate to the Task Manager with a bearer token: every service
+    # started here shares one, unless the environment already configures its own.
+    if kind == "task_manager":
+        env.setdefault("KBMESH_TASK_MANAGER_DISPATCH__WORKER_TOKENS", json.dumps([worker_token]))
+    else:
+        env.setdefault("KBMESH_KNOWLEDGE_WORKER__TOKEN", worker_token)
     if extra:
         env.update(extra)
     return env
@@ -1201,3 +1213,91 @@ def start_service(
         detached=detached,
     )
     return ServiceServer(process=proc, kind=kind, host=probe_host, port=port)
+
+
+# --------------------------------------------------------------------------- workers
+
+
+@dataclass(eq=False)
+class WorkerServer(ServerHandle):
+    """A standalone knowledge worker (``python -m services.knowledge.worker``)."""
+
+    worker_id: str
+    task_manager_address: str
+
+
+def _log_since_start(path: Path) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return text[text.rfind(_START_MARKER) :]
+
+
+def worker_connected(log_path: Path) -> bool:
+    """Whether the worker's log shows a session since its latest start."""
+    return "worker session started" in _log_since_start(log_path)
+
+
+def start_worker(
+    *,
+    redis_url: str,
+    s3: S3Settings,
+    task_manager_address: str,
+    log_path: Path,
+    worker_id: str = "",
+    concurrency: int = 4,
+    handler: str | None = None,
+    handler_options: Mapping[str, str] | None = None,
+    log_level: str = "INFO",
+    log_format: str = "json",
+    extra_env: Mapping[str, str] | None = None,
+    worker_token: str = DEV_WORKER_TOKEN,
+    cwd: Path | None = None,
+    name: str = "worker",
+    python: str = sys.executable,
+    wait_connected: bool = True,
+    timeout: float = 60.0,
+    stop_timeout: float = DEFAULT_STOP_TIMEOUT,
+) -> WorkerServer:
+    """A knowledge worker process against `task_manager_address`.
+
+    Ready once its log shows a worker session (`wait_connected`; needs
+    `log_level` INFO or DEBUG), else as soon as it runs. `handler`
+    ("module:attribute") and `handler_options` select the task handler;
+    `extra_env` is added last.
+    """
+    if wait_connected and log_level not in ("DEBUG", "INFO"):
+        raise ValueError("wait_connected reads the worker's INFO log: use INFO or DEBUG")
+    env = service_env(
+        "knowledge",
+        port=0,
+        redis_url=redis_url,
+        s3=s3,
+        task_manager_address=task_manager_address,
+        log_level=log_level,
+        log_format=log_format,
+        worker_token=worker_token,
+    )
+    env["KBMESH_KNOWLEDGE_WORKER__CONCURRENCY"] = str(concurrency)
+    if worker_id:
+        env["KBMESH_KNOWLEDGE_WORKER__ID"] = worker_id
+    if handler:
+        env["KBMESH_KNOWLEDGE_WORKER__HANDLER"] = handler
+    if handler_options is not None:
+        env["KBMESH_KNOWLEDGE_WORKER__HANDLER_OPTIONS"] = json.dumps(dict(handler_options))
+    env.update(extra_env or {})
+    proc = _start_checked(
+        name,
+        [python, "-m", WORKER_MODULE],
+        log_path=log_path,
+        probe=(lambda: worker_connected(log_path)) if wait_connected else (lambda: True),
+        what="connected to the Task Manager",
+        timeout=timeout,
+        env=env,
+        cwd=cwd or ROOT,
+        stop_timeout=stop_timeout,
+    )
+    return WorkerServer(
+        process=proc, worker_id=worker_id, task_manager_address=task_manager_address
+    )

@@ -38,6 +38,7 @@ variable                        default                    what
 ``KBMESH_LOG_LEVEL``            ``INFO``                   services' log level
 ``KBMESH_LOG_FORMAT``           ``json``                   services' log format (json|text)
 ``KBMESH_START_TIMEOUT``        ``90``                     seconds a part may take to start
+``KBMESH_WORKER_TOKEN``         a fixed dev token          worker token (Task Manager and worker)
 ==============================  =========================  ===============================
 
 The services also inherit the caller's environment, so any other
@@ -447,7 +448,13 @@ def start_parts(
     data, logs, run = config.data_dir, config.logs_dir, config.run_dir
     for directory in (data, logs, run):
         directory.mkdir(parents=True, exist_ok=True)
-    service_extra = {"KBMESH_HOME": str(config.home)}
+    # The Knowledge Service's worker authenticates to the Task Manager with this token.
+    worker_token = os.environ.get("KBMESH_WORKER_TOKEN") or servers.DEV_WORKER_TOKEN
+    service_extra = {
+        "KBMESH_HOME": str(config.home),
+        "KBMESH_TASK_MANAGER_DISPATCH__WORKER_TOKENS": json.dumps([worker_token]),
+        "KBMESH_KNOWLEDGE_WORKER__TOKEN": worker_token,
+    }
 
     def started(part: str, proc: ServerProcess, what: str) -> None:
         state.processes[part] = proc

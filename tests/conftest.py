@@ -28,6 +28,16 @@ Fixtures (scope) — for type annotations import the classes from
     ``s3=``; more settings with ``env={"KBMESH_TASK_MANAGER_...": ...}``).
     Returns a ServiceServer (``.address``, ``.pid``, ``.log_path``,
     ``.stop(timeout)``). Each gets its own working directory and KBMESH_HOME.
+``start_worker`` (function) -> WorkerFactory
+    ``start_worker(task_manager_address=tm.address, worker_id="w1",
+    concurrency=4, handler_options={...})``: a standalone knowledge worker
+    (``python -m services.knowledge.worker``) with the test handler
+    (``SleepHandler``) unless ``handler=`` says otherwise; returns once it is
+    connected. Returns a WorkerServer (``.pid``, ``.log_path``, ``.stop()``).
+    Services and workers started by these fixtures share the dev worker token
+    (devstack.servers.DEV_WORKER_TOKEN); Knowledge Services run without their
+    in-process worker unless ``env`` enables it
+    (``KBMESH_KNOWLEDGE_WORKER__ENABLED=true``).
 ``start_envoy`` (function) -> EnvoyFactory
     ``start_envoy(task_manager=[addr, ...], knowledge=[addr, ...])`` renders
     gateway/envoy.yaml for those upstreams (several = replicas) and returns
@@ -58,6 +68,7 @@ from devstack.servers import (
     ServerHandle,
     ServiceKind,
     ServiceServer,
+    WorkerServer,
 )
 
 SESSION_BUCKET = "kbmesh-test"
@@ -154,9 +165,62 @@ class ServiceFactory:
                 task_manager_address=task_manager_address,
                 log_path=here / f"{name or kind}.log",
                 log_level=log_level,
-                extra_env={"KBMESH_HOME": str(here / "home"), **(env or {})},
+                extra_env={
+                    "KBMESH_HOME": str(here / "home"),
+                    # Tasks stay queued unless a test starts workers on purpose.
+                    "KBMESH_KNOWLEDGE_WORKER__ENABLED": "false",
+                    **(env or {}),
+                },
                 cwd=here,
                 name=name,
+                timeout=timeout,
+            )
+        )
+
+
+TEST_HANDLER = "services.knowledge.worker.handlers:SleepHandler"
+
+
+class WorkerFactory:
+    """``start_worker(task_manager_address=..., ...)`` -> a connected WorkerServer."""
+
+    def __init__(self, launcher: Launcher, *, redis_url: str, s3: S3Settings) -> None:
+        self._launcher = launcher
+        self.redis_url = redis_url
+        self.s3 = s3
+
+    def __call__(
+        self,
+        *,
+        task_manager_address: str,
+        worker_id: str = "",
+        concurrency: int = 4,
+        handler: str = TEST_HANDLER,
+        handler_options: Mapping[str, str] | None = None,
+        redis_url: str | None = None,
+        s3: S3Settings | None = None,
+        env: Mapping[str, str] | None = None,
+        log_level: str = "DEBUG",
+        wait_connected: bool = True,
+        timeout: float = 60.0,
+    ) -> WorkerServer:
+        label = worker_id or "worker"
+        here = self._launcher.workdir(label)
+        return self._launcher.track(
+            servers.start_worker(
+                redis_url=redis_url or self.redis_url,
+                s3=s3 or self.s3,
+                task_manager_address=task_manager_address,
+                log_path=here / f"{label}.log",
+                worker_id=worker_id,
+                concurrency=concurrency,
+                handler=handler,
+                handler_options=handler_options or {},
+                log_level=log_level,
+                extra_env={"KBMESH_HOME": str(here / "home"), **(env or {})},
+                cwd=here,
+                name=label,
+                wait_connected=wait_connected,
                 timeout=timeout,
             )
         )
@@ -305,6 +369,20 @@ def start_service(
     launcher = Launcher(tmp_path_factory.mktemp("services"))
     try:
         yield ServiceFactory(launcher, redis_url=redis_server.url, s3=s3_server.s3)
+    finally:
+        launcher.close()
+
+
+@pytest.fixture
+def start_worker(
+    tmp_path_factory: pytest.TempPathFactory,
+    redis_server: RedisServer,
+    s3_server: SeaweedServer,
+) -> Iterator[WorkerFactory]:
+    """Factory for standalone knowledge workers, stopped (SIGTERM) after the test."""
+    launcher = Launcher(tmp_path_factory.mktemp("workers"))
+    try:
+        yield WorkerFactory(launcher, redis_url=redis_server.url, s3=s3_server.s3)
     finally:
         launcher.close()
 

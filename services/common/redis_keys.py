@@ -14,6 +14,18 @@ PREFIX = "kbmesh:"
 QUEUE_READY = PREFIX + "queue:ready"
 # zset task id -> time (ms) at which a backing-off task becomes ready again.
 QUEUE_DELAYED = PREFIX + "queue:delayed"
+# zset task id -> lease deadline (ms) of a RUNNING task: every RUNNING task is in
+# it, nothing else. Heartbeats and progress push the score (and the task's
+# lease_deadline_ms) forward; any replica reclaims the members whose score has
+# passed (services/task_manager/dispatch.py).
+LEASES = PREFIX + "leases"
+# pub/sub channel: a message (the task id, or "" for a batch) whenever a task
+# enters QUEUE_READY, published in the same script that adds it, so idle
+# dispatchers wake at once instead of polling.
+QUEUE_WAKE = PREFIX + "queue:wake"
+# pub/sub channel: the id of a RUNNING task whose cancellation was just
+# requested; the replica holding the worker's stream pushes a Cancel to it.
+DISPATCH_CANCEL = PREFIX + "dispatch:cancel"
 # zset task id -> time (ms) its callback POST is due: the callback outbox. A
 # task enters it when it reaches a terminal state with a callback URL, in the
 # same atomic step; the sender claims it by pushing the time past a lease.

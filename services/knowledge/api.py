@@ -14,9 +14,11 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from kbmesh.knowledge.v1 import knowledge_pb2 as kn
 from kbmesh.knowledge.v1 import knowledge_pb2_grpc as kn_grpc
-from services.common.errors import FailedPrecondition, InvalidArgument, Unimplemented
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unimplemented
 from services.common.ids import new_id
+from services.knowledge.adapters.redis_documents import RedisDocuments
 from services.knowledge.adapters.redis_kb_store import RedisKnowledgeBases
+from services.knowledge.domain.documents import Document
 from services.knowledge.domain.knowledge_bases import (
     UPDATABLE_FIELDS,
     KnowledgeBase,
@@ -73,9 +75,39 @@ def _require_kb_id(kb_id: str) -> str:
     return kb_id
 
 
+def document_to_proto(document: Document) -> kn.Document:
+    message = kn.Document(
+        id=document.id,
+        knowledge_base_id=document.knowledge_base_id,
+        filename=document.filename,
+        content_type=document.content_type,
+        size_bytes=document.size_bytes,
+        sha256=document.sha256,
+        state=kn.Document.State.Value(f"STATE_{document.state}"),
+        stage=kn.Stage.Value(f"STAGE_{document.stage or 'UNSPECIFIED'}"),
+        progress=document.progress,
+        task_id=document.task_id,
+        chunk_count=document.chunk_count,
+        page_count=document.page_count,
+        metadata=document.metadata,
+        create_time=_timestamp(document.create_time_ms),
+        update_time=_timestamp(document.update_time_ms),
+    )
+    if document.error is not None:
+        message.error.CopyFrom(
+            kn.DocumentError(
+                code=document.error.code,
+                reason=document.error.reason,
+                message=document.error.message,
+            )
+        )
+    return message
+
+
 class KnowledgeApi(kn_grpc.KnowledgeServiceServicer):
-    def __init__(self, knowledge_bases: RedisKnowledgeBases) -> None:
+    def __init__(self, knowledge_bases: RedisKnowledgeBases, documents: RedisDocuments) -> None:
         self._kbs = knowledge_bases
+        self._documents = documents
 
     async def _to_proto(self, kb: KnowledgeBase) -> kn.KnowledgeBase:
         return kb_to_proto(kb, await self._kbs.document_count(kb.id))
@@ -175,10 +207,31 @@ class KnowledgeApi(kn_grpc.KnowledgeServiceServicer):
     async def ListDocuments(
         self, request: kn.ListDocumentsRequest, context: Context
     ) -> kn.ListDocumentsResponse:
-        raise Unimplemented("ListDocuments")
+        kb = await self._kbs.require(_require_kb_id(request.knowledge_base_id))
+        if request.page_size < 0:
+            raise InvalidArgument("INVALID_PAGE_SIZE", "page_size must not be negative")
+        state = kn.Document.State.Name(request.state).removeprefix("STATE_")
+        page = await self._documents.list(
+            kb.id, "" if state == "UNSPECIFIED" else state, request.page_size, request.page_token
+        )
+        return kn.ListDocumentsResponse(
+            documents=[document_to_proto(d) for d in page.documents],
+            next_page_token=page.next_page_token,
+        )
 
     async def GetDocument(self, request: kn.GetDocumentRequest, context: Context) -> kn.Document:
-        raise Unimplemented("GetDocument")
+        kb = await self._kbs.require(_require_kb_id(request.knowledge_base_id))
+        if not request.document_id:
+            raise InvalidArgument("MISSING_DOCUMENT_ID", "document_id is required")
+        document_id = request.document_id[:64]
+        document = await self._documents.get(kb.id, document_id)
+        if document is None:
+            raise NotFound(
+                "DOCUMENT_NOT_FOUND",
+                f"document {document_id!r} is not in knowledge base {kb.id!r}",
+                metadata={"document_id": document_id, "knowledge_base_id": kb.id},
+            )
+        return document_to_proto(document)
 
     async def DeleteDocument(
         self, request: kn.DeleteDocumentRequest, context: Context

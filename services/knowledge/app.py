@@ -1,4 +1,5 @@
-"""Composition root of the Knowledge Service: opens Redis and S3, builds the servicer."""
+"""Composition root of the Knowledge Service: opens Redis and S3, builds the servicer,
+and runs a knowledge worker beside it (`worker.enabled`)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from redis.asyncio import Redis
 from kbmesh.knowledge.v1 import knowledge_pb2_grpc
 from services.common.connections import open_redis, open_s3
 from services.common.host import ServiceHost
+from services.knowledge.adapters.redis_documents import RedisDocuments
 from services.knowledge.adapters.redis_kb_store import RedisKnowledgeBases
 from services.knowledge.api import KNOWLEDGE_SERVICE, KnowledgeApi
 from services.knowledge.settings import KnowledgeSettings
+from services.knowledge.worker.app import build_runtime
 
 ERROR_DOMAIN = "knowledge.kbmesh"
 
@@ -38,6 +41,13 @@ async def build_app(settings: KnowledgeSettings) -> AsyncIterator[KnowledgeApp]:
         )
         knowledge_bases = RedisKnowledgeBases(redis)
         knowledge_pb2_grpc.add_KnowledgeServiceServicer_to_server(
-            KnowledgeApi(knowledge_bases), host.server
+            KnowledgeApi(knowledge_bases, RedisDocuments(redis)), host.server
         )
+        if settings.worker.enabled:
+            worker = build_runtime(settings, redis, s3)
+            worker.start()
+            stack.push_async_callback(worker.close)
+            # SIGTERM: the worker takes no new tasks, finishes or hands back the rest.
+            grace = settings.worker.shutdown_grace_seconds
+            host.add_drain_hook(lambda: worker.drain(grace))
         yield KnowledgeApp(settings=settings, redis=redis, s3=s3, host=host)

@@ -2,11 +2,13 @@
 
 They translate between protos and the domain; errors are raised as
 `KbmeshError`s and turned into statuses by `services.common.status`.
-RPCs that later work fills in answer UNIMPLEMENTED with reason NOT_IMPLEMENTED.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator
@@ -18,17 +20,32 @@ from kbmesh.taskmanager.v1 import task_manager_pb2 as tm
 from kbmesh.taskmanager.v1 import task_manager_pb2_grpc as tm_grpc
 from kbmesh.taskmanager.v1 import worker_pb2 as wk
 from kbmesh.taskmanager.v1 import worker_pb2_grpc as wk_grpc
-from services.common.errors import Code, InvalidArgument, KbmeshError, NotFound, Unimplemented
+from services.common.errors import Code, InvalidArgument, KbmeshError, NotFound
 from services.task_manager.convert import (
+    assignment_to_proto,
+    duration,
     event_to_proto,
     has_header,
     header_from_proto,
+    stage_from_proto,
     state_from_proto,
+    task_error_from_proto,
+    task_result_from_proto,
     task_to_proto,
     timestamp,
 )
+from services.task_manager.dispatch import (
+    Assign,
+    CancelOrder,
+    Close,
+    Dispatcher,
+    DrainOrder,
+    WorkerSession,
+)
+from services.task_manager.domain.dispatch import MAX_CREDITS, MAX_WORKER_ID_CHARS
 from services.task_manager.domain.ports import TaskStore
 from services.task_manager.domain.upload import Uploads
+from services.task_manager.domain.worker_auth import WorkerTokens
 
 Context = grpc.aio.ServicerContext[Any, Any]
 log = logging.getLogger(__name__)
@@ -88,6 +105,7 @@ class TaskManagerApi(tm_grpc.TaskManagerServiceServicer):
                 "size_bytes": task.size_bytes,
                 "duplicate": result.duplicate,
                 "replayed": result.replayed,
+                "ack_ms": round(result.ack_ms, 2),
             },
         )
         return tm.UploadResponse(
@@ -175,9 +193,190 @@ def _task_not_found(task_id: str) -> KbmeshError:
     )
 
 
+MAX_CONTENT_TYPES = 64
+MAX_CONCURRENCY = 1024
+# A worker stream must say hello within this many seconds.
+HELLO_TIMEOUT_SECONDS = 30.0
+# Worker messages about one task (applied in order per task).
+_TASK_REPORTS = frozenset({"progress", "completed", "failed", "cancel_ack"})
+
+
+def _forget(latest: dict[str, asyncio.Task[None]], task_id: str, done: asyncio.Task[None]) -> None:
+    if latest.get(task_id) is done:
+        del latest[task_id]
+
+
+def _hello(message: wk.ConnectRequest | None) -> wk.ConnectRequest.Hello:
+    if message is None or message.WhichOneof("message") != "hello":
+        raise InvalidArgument("HELLO_REQUIRED", "the first message of a worker stream is hello")
+    hello = message.hello
+    worker_id = hello.worker_id
+    if not 1 <= len(worker_id) <= MAX_WORKER_ID_CHARS or not worker_id.isprintable():
+        raise InvalidArgument(
+            "INVALID_WORKER_ID",
+            f"worker_id must be 1-{MAX_WORKER_ID_CHARS} printable characters",
+        )
+    if not 1 <= hello.max_concurrency <= MAX_CONCURRENCY:
+        raise InvalidArgument(
+            "INVALID_MAX_CONCURRENCY", f"max_concurrency must be 1-{MAX_CONCURRENCY}"
+        )
+    if len(hello.content_types) > MAX_CONTENT_TYPES:
+        raise InvalidArgument("INVALID_CONTENT_TYPES", f"at most {MAX_CONTENT_TYPES} content types")
+    return hello
+
+
 class WorkerApi(wk_grpc.WorkerServiceServicer):
+    """`Connect`: one worker session (docs/worker-protocol.md).
+
+    Authentication happens before anything is read. The stream then has two
+    halves: a reader task applies the worker's messages in order through the
+    dispatcher, and this generator sends what the dispatcher puts in the
+    session's outbox (assignments, cancels, drain), until either side ends.
+    """
+
+    def __init__(self, dispatcher: Dispatcher, tokens: WorkerTokens, bucket: str) -> None:
+        self._dispatcher = dispatcher
+        self._tokens = tokens
+        self._bucket = bucket
+
     async def Connect(
         self, request_iterator: AsyncIterable[wk.ConnectRequest], context: Context
     ) -> AsyncIterator[wk.ConnectResponse]:
-        raise Unimplemented("Connect")
-        yield  # pragma: no cover - makes this an async generator
+        metadata = dict(context.invocation_metadata() or ())
+        authorization = metadata.get("authorization")
+        try:
+            self._tokens.check(authorization if isinstance(authorization, str) else None)
+        except KbmeshError:
+            log.warning(
+                "worker stream refused: bad or missing token", extra={"peer": context.peer()}
+            )
+            raise
+        messages = aiter(request_iterator)
+        try:
+            first = await asyncio.wait_for(anext(messages, None), HELLO_TIMEOUT_SECONDS)
+        except TimeoutError:
+            first = None
+        hello = _hello(first)
+        dispatcher = self._dispatcher
+        session = dispatcher.open_session(
+            hello.worker_id,
+            hello.max_concurrency,
+            version=hello.version[:64],
+            content_types=list(hello.content_types),
+        )
+        reader = asyncio.create_task(self._read(session, messages))
+        try:
+            policy = dispatcher.policy
+            yield wk.ConnectResponse(
+                welcome=wk.ConnectResponse.Welcome(
+                    session_id=session.session_id,
+                    lease_duration=duration(policy.lease_ms),
+                    heartbeat_interval=duration(policy.heartbeat_ms),
+                )
+            )
+            while True:
+                item = await session.outbox.get()
+                if isinstance(item, Close):
+                    if item.error is not None:
+                        raise item.error
+                    return
+                yield self._to_proto(item)
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            dispatcher.close_session(session)
+
+    def _to_proto(self, item: Assign | CancelOrder | DrainOrder) -> wk.ConnectResponse:
+        if isinstance(item, Assign):
+            return assignment_to_proto(item.task, self._bucket)
+        if isinstance(item, CancelOrder):
+            return wk.ConnectResponse(
+                cancel=wk.ConnectResponse.Cancel(
+                    task_id=item.task_id, lease_id=item.lease_id, reason=item.reason
+                )
+            )
+        return wk.ConnectResponse(
+            drain=wk.ConnectResponse.Drain(reason=item.reason, deadline=timestamp(item.deadline_ms))
+        )
+
+    async def _read(
+        self, session: WorkerSession, messages: AsyncIterator[wk.ConnectRequest]
+    ) -> None:
+        error: KbmeshError | None = None
+        # Reports about different tasks are applied concurrently (each is a round trip
+        # to Redis), reports about one task in order.
+        latest: dict[str, asyncio.Task[None]] = {}
+        try:
+            async for message in messages:
+                self._dispatcher.seen(session)
+                kind = message.WhichOneof("message")
+                if kind in _TASK_REPORTS:
+                    task_id = getattr(message, kind).task_id
+                    report = asyncio.create_task(
+                        self._report(session, message, latest.get(task_id))
+                    )
+                    latest[task_id] = report
+                    report.add_done_callback(functools.partial(_forget, latest, task_id))
+                else:
+                    await self._apply(session, message)
+        except KbmeshError as exc:
+            error = exc  # a protocol violation: the stream ends with its status
+        except grpc.RpcError:
+            pass  # the worker went away
+        finally:
+            if latest:  # shielded: reports still change tasks if the stream is cut
+                await asyncio.shield(asyncio.gather(*latest.values(), return_exceptions=True))
+            session.outbox.put_nowait(Close(error))
+
+    async def _report(
+        self,
+        session: WorkerSession,
+        message: wk.ConnectRequest,
+        after: asyncio.Task[None] | None,
+    ) -> None:
+        if after is not None:
+            await asyncio.wait([after])
+        await self._apply(session, message)
+
+    async def _apply(self, session: WorkerSession, message: wk.ConnectRequest) -> None:
+        dispatcher = self._dispatcher
+        kind = message.WhichOneof("message")
+        if kind == "credit":
+            if not 1 <= message.credit.credits <= MAX_CREDITS:
+                raise InvalidArgument("INVALID_CREDITS", f"credits must be 1-{MAX_CREDITS}")
+            dispatcher.grant(session, message.credit.credits)
+            return
+        if kind == "hello":
+            raise InvalidArgument("HELLO_NOT_FIRST", "hello is only allowed as the first message")
+        if kind == "draining":
+            dispatcher.worker_draining(session, message.draining.reason[:200])
+            return
+        try:
+            if kind == "heartbeat":
+                await dispatcher.heartbeat(session, list(message.heartbeat.lease_ids[:4096]))
+            elif kind == "progress":
+                p = message.progress
+                await dispatcher.progress(
+                    session, p.task_id, p.lease_id, stage_from_proto(p.stage), p.fraction, p.message
+                )
+            elif kind == "completed":
+                c = message.completed
+                await dispatcher.completed(
+                    session, c.task_id, c.lease_id, task_result_from_proto(c.result)
+                )
+            elif kind == "failed":
+                f = message.failed
+                await dispatcher.failed(
+                    session, f.task_id, f.lease_id, task_error_from_proto(f.error)
+                )
+            elif kind == "cancel_ack":
+                a = message.cancel_ack
+                await dispatcher.cancel_acknowledged(session, a.task_id, a.lease_id)
+        except KbmeshError as exc:
+            # The store is unreachable or the task is gone: the report is lost, and the
+            # lease, if still held, lapses and the task runs again (at least once).
+            log.warning(
+                "worker report not applied",
+                extra=session.log_extra(message=kind, reason=exc.reason),
+            )

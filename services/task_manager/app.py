@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from redis.asyncio import Redis
@@ -14,6 +16,7 @@ from kbmesh.taskmanager.v1 import task_manager_pb2_grpc, worker_pb2_grpc
 from services.common.connections import open_redis, open_s3
 from services.common.host import ServiceHost
 from services.task_manager.adapters.redis_callbacks import RedisCallbackOutbox
+from services.task_manager.adapters.redis_dispatch import RedisDispatchQueue
 from services.task_manager.adapters.redis_store import RedisTaskStore
 from services.task_manager.adapters.s3_storage import S3ObjectStore
 from services.task_manager.api import (
@@ -23,11 +26,16 @@ from services.task_manager.api import (
     WorkerApi,
 )
 from services.task_manager.callbacks import CallbackSender
+from services.task_manager.dispatch import Dispatcher
+from services.task_manager.domain.dispatch import DispatchPolicy
 from services.task_manager.domain.upload import UploadLimits, Uploads
-from services.task_manager.settings import TaskManagerSettings
+from services.task_manager.domain.worker_auth import WorkerTokens
+from services.task_manager.settings import DispatchSettings, TaskManagerSettings
+from services.task_manager.sweeper import MultipartSweeper
 
 ERROR_DOMAIN = "taskmanager.kbmesh"
 KNOWLEDGE_SERVICE = knowledge_pb2.DESCRIPTOR.services_by_name["KnowledgeService"].full_name
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,36 @@ class TaskManagerApp:
     redis: Redis
     s3: Any
     host: ServiceHost
+
+
+def worker_tokens(settings: DispatchSettings) -> WorkerTokens:
+    tokens = WorkerTokens(
+        (t.get_secret_value() for t in settings.worker_tokens), settings.worker_token_sha256
+    )
+    if not tokens:
+        log.warning("no worker tokens configured: no worker can connect (dispatch.worker_tokens)")
+    return tokens
+
+
+def build_dispatcher(
+    settings: TaskManagerSettings, redis: Redis, tasks: RedisTaskStore
+) -> Dispatcher:
+    d = settings.dispatch
+    policy = DispatchPolicy(
+        lease_ms=int(d.lease_seconds * 1000),
+        heartbeat_ms=int(d.heartbeat_seconds * 1000),
+        backoff_base_ms=int(d.backoff_base_seconds * 1000),
+        backoff_cap_ms=int(d.backoff_cap_seconds * 1000),
+    )
+    queue = RedisDispatchQueue(redis, tasks)
+    return Dispatcher(
+        queue,
+        policy,
+        notices=queue.notices,
+        claim_batch=d.claim_batch,
+        poll_interval=d.poll_interval_seconds,
+        maintenance_interval=d.maintenance_interval_seconds,
+    )
 
 
 @asynccontextmanager
@@ -77,9 +115,24 @@ async def build_app(settings: TaskManagerSettings) -> AsyncIterator[TaskManagerA
         )
         callbacks.start()
         stack.push_async_callback(callbacks.stop)
+        sweeper = MultipartSweeper(
+            objects,
+            stale_after=timedelta(hours=limits.stale_multipart_hours),
+            every=timedelta(minutes=10),
+        )
+        sweeper.start()
+        stack.push_async_callback(sweeper.stop)
         server = host.server
         task_manager_pb2_grpc.add_TaskManagerServiceServicer_to_server(
             TaskManagerApi(uploads, tasks), server
         )
-        worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerApi(), server)
+        dispatcher = build_dispatcher(settings, redis, tasks)
+        dispatcher.start()
+        stack.push_async_callback(dispatcher.close)
+        # SIGTERM: stop assigning and tell workers to drain before streams are cut.
+        grace = settings.grpc.shutdown_grace_seconds
+        host.add_drain_hook(lambda: dispatcher.drain(grace))
+        worker_pb2_grpc.add_WorkerServiceServicer_to_server(
+            WorkerApi(dispatcher, worker_tokens(settings.dispatch), settings.s3.bucket), server
+        )
         yield TaskManagerApp(settings=settings, redis=redis, s3=s3, host=host)

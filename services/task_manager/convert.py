@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from kbmesh.knowledge.v1 import knowledge_pb2 as kn
 from kbmesh.taskmanager.v1 import task_manager_pb2 as tm
+from kbmesh.taskmanager.v1 import worker_pb2 as wk
 from services.task_manager.domain.model import (
     Chunking,
     EventType,
     Stage,
     Task,
+    TaskError,
     TaskEvent,
+    TaskResult,
     TaskState,
 )
 from services.task_manager.domain.upload import UploadHeader
@@ -167,4 +171,53 @@ def header_from_proto(message: tm.UploadRequest) -> UploadHeader:
         priority=message.priority,
         force=message.force,
         metadata=dict(message.metadata),
+    )
+
+
+# --- worker protocol (WorkerService.Connect) ---------------------------------------------------
+
+
+def duration(ms: int) -> Duration:
+    value = Duration()
+    value.FromMilliseconds(ms)
+    return value
+
+
+def assignment_to_proto(task: Task, bucket: str) -> wk.ConnectResponse:
+    """The Assignment for a task as leased (its lease id and deadline set)."""
+    return wk.ConnectResponse(
+        assignment=wk.ConnectResponse.Assignment(
+            task_id=task.id,
+            lease_id=task.lease_id,
+            attempt=task.attempt,
+            lease_deadline=timestamp(task.lease_deadline_ms),
+            knowledge_base_id=task.knowledge_base_id,
+            document_id=task.document_id,
+            object=wk.ObjectLocation(
+                bucket=bucket, key=task.object_key, size_bytes=task.size_bytes, sha256=task.sha256
+            ),
+            filename=task.filename,
+            content_type=task.content_type,
+            chunking=chunking_to_proto(task.chunking),
+            metadata=task.metadata,
+        )
+    )
+
+
+def task_result_from_proto(result: tm.TaskResult) -> TaskResult:
+    return TaskResult(
+        chunk_count=max(0, result.chunk_count),
+        page_count=max(0, result.page_count),
+        token_count=max(0, result.token_count),
+        duration_ms=max(0, result.duration_ms),
+    )
+
+
+def task_error_from_proto(error: tm.TaskError) -> TaskError:
+    """A worker's error report; blanks get neutral values, lengths are bounded."""
+    return TaskError(
+        code=(error.code or "UNKNOWN")[:64],
+        reason=(error.reason or "WORKER_ERROR")[:128],
+        message=(error.message or "the worker reported a failure")[:1000],
+        retryable=error.retryable,
     )

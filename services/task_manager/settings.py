@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.settings import GrpcSettings, LogSettings, RedisSettings, S3Settings
@@ -31,6 +31,9 @@ class UploadSettings(BaseModel):
     parts_in_flight: int = Field(default=2, ge=1, le=16)
     # How long an upload's idempotency key (request_id) is remembered, in seconds.
     request_id_ttl_seconds: int = Field(default=86_400, ge=60)
+    # Multipart uploads older than this are orphans of a killed replica and are
+    # aborted by every replica's sweeper (every 10 minutes). Hours.
+    stale_multipart_hours: float = Field(default=24.0, gt=0)
 
 
 class CallbackSettings(BaseModel):
@@ -56,6 +59,45 @@ class CallbackSettings(BaseModel):
     max_concurrent: int = Field(default=32, ge=1)
 
 
+class DispatchSettings(BaseModel):
+    """The worker protocol: leases, retries, polling and worker tokens
+    (docs/worker-protocol.md). Attempts per task are `uploads.max_attempts`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # How long an assignment stays leased without a heartbeat or progress; a worker
+    # silent for longer loses the task to another worker. Seconds.
+    lease_seconds: float = Field(default=30.0, ge=0.5, le=3600)
+    # How often workers heartbeat (told in Welcome); at most half the lease. Seconds.
+    heartbeat_seconds: float = Field(default=10.0, ge=0.1, le=1800)
+    # Retry backoff after a failed attempt or a lapsed lease: exponential from base,
+    # at most cap, jittered over the upper half. Seconds.
+    backoff_base_seconds: float = Field(default=1.0, ge=0, le=3600)
+    backoff_cap_seconds: float = Field(default=300.0, ge=0, le=86_400)
+    # How often each replica promotes tasks whose backoff ended and reclaims lapsed
+    # leases. Seconds.
+    maintenance_interval_seconds: float = Field(default=1.0, ge=0.05, le=60)
+    # How often an idle dispatcher looks at the queue if no wake-up message came
+    # (wake-ups are instant; this only bounds the delay if one is lost). Seconds.
+    poll_interval_seconds: float = Field(default=1.0, ge=0.05, le=60)
+    # Tasks claimed per round trip to Redis when workers have room.
+    claim_batch: int = Field(default=64, ge=1, le=1024)
+    # Bearer tokens workers may present, as a JSON list in the environment
+    # (`KBMESH_TASK_MANAGER_DISPATCH__WORKER_TOKENS='["..."]'`); and/or their
+    # lower-case hex SHA-256 digests, to keep the tokens themselves out of the
+    # Task Manager's environment. None configured: no worker can connect.
+    worker_tokens: tuple[SecretStr, ...] = ()
+    worker_token_sha256: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DispatchSettings:
+        if self.heartbeat_seconds * 2 > self.lease_seconds:
+            raise ValueError("dispatch.heartbeat_seconds must be at most half of lease_seconds")
+        if self.backoff_cap_seconds < self.backoff_base_seconds:
+            raise ValueError("dispatch.backoff_cap_seconds must be >= backoff_base_seconds")
+        return self
+
+
 class TaskManagerSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="KBMESH_TASK_MANAGER_", env_nested_delimiter="__", frozen=True, extra="ignore"
@@ -67,3 +109,4 @@ class TaskManagerSettings(BaseSettings):
     s3: S3Settings = S3Settings()
     uploads: UploadSettings = UploadSettings()
     callbacks: CallbackSettings = CallbackSettings()
+    dispatch: DispatchSettings = DispatchSettings()

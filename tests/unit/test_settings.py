@@ -48,3 +48,26 @@ def test_settings_are_frozen() -> None:
 
 def test_ipv6_address() -> None:
     assert GrpcSettings(host="::1", port=5).address == "[::1]:5"
+
+
+def test_dispatch_and_worker_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KBMESH_TASK_MANAGER_DISPATCH__WORKER_TOKENS", '["t-1", "t-2"]')
+    monkeypatch.setenv("KBMESH_TASK_MANAGER_DISPATCH__LEASE_SECONDS", "3")
+    monkeypatch.setenv("KBMESH_TASK_MANAGER_DISPATCH__HEARTBEAT_SECONDS", "1")
+    monkeypatch.setenv("KBMESH_KNOWLEDGE_WORKER__TOKEN", "t-1")
+    monkeypatch.setenv("KBMESH_KNOWLEDGE_WORKER__HANDLER_OPTIONS", '{"record_key": "k"}')
+    dispatch = TaskManagerSettings().dispatch
+    assert [t.get_secret_value() for t in dispatch.worker_tokens] == ["t-1", "t-2"]
+    assert (dispatch.lease_seconds, dispatch.heartbeat_seconds) == (3.0, 1.0)
+    assert "t-1" not in repr(dispatch)
+    worker = KnowledgeSettings().worker
+    assert worker.token.get_secret_value() == "t-1"
+    assert worker.handler_options == {"record_key": "k"}
+    assert "t-1" not in repr(worker)
+
+
+def test_heartbeats_must_fit_twice_in_a_lease(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KBMESH_TASK_MANAGER_DISPATCH__LEASE_SECONDS", "3")
+    monkeypatch.setenv("KBMESH_TASK_MANAGER_DISPATCH__HEARTBEAT_SECONDS", "2")
+    with pytest.raises(ValidationError, match="at most half"):
+        TaskManagerSettings()

@@ -7,11 +7,11 @@ Task record (hash `task(id)`): one field per `Task` attribute, named like the
 attribute, every value a string (`encode_task` / `decode_task`):
 
 - text as is: id, knowledge_base_id, document_id, filename, content_type,
-  sha256, object_key, message, worker_id, callback_url;
+  sha256, object_key, message, worker_id, callback_url, lease_id;
 - enums by value: state (`PENDING`…), stage (`""` when none);
 - integers in decimal: size_bytes, create_time_ms, update_time_ms, attempt,
-  max_attempts, priority, start_time_ms, end_time_ms, next_attempt_time_ms
-  (times are ms since the epoch, 0 = not set);
+  max_attempts, priority, start_time_ms, end_time_ms, next_attempt_time_ms,
+  lease_deadline_ms (times are ms since the epoch, 0 = not set);
 - progress: `repr(float)`; cancel_requested: `"1"`/`"0"`;
 - JSON: error and result (`""` when None), chunking, metadata,
   callback_attempts (a list).
@@ -62,15 +62,24 @@ Atomicity: two Lua scripts, run with EVALSHA (`register_script`).
   optimistic concurrency, bounded retries on conflict. `cancel` and `retry`
   are built on it through `RedisTaskStore.transition`.
 
-Adding the dispatcher's transitions is a call of `transition` each, no new
-script: start = guard state PENDING, set state RUNNING, worker_id, start_time_ms,
-zrem QUEUE_READY and zadd a lease zset (a new key in redis_keys) scored by the
-lease deadline (a conflict means another dispatcher took the task); progress =
-guard state RUNNING plus worker_id and attempt (a worker whose lease expired
-cannot write), event PROGRESS, set stage/progress/message; complete/fail = the
-same guards, set the terminal state, end_time_ms, result or error, zrem the
-lease; lease expiry = guard state RUNNING and attempt, set PENDING with
-attempt + 1 and next_attempt_time_ms, zadd QUEUE_DELAYED, zrem the lease.
+Wake-ups: both scripts PUBLISH on `QUEUE_WAKE` when they add a task to
+QUEUE_READY, and `cancel` publishes the task id on `DISPATCH_CANCEL` when it
+flags a RUNNING task, in the same atomic step (pub/sub is fire-and-forget:
+the dispatcher also polls, see services/task_manager/dispatch.py).
+
+The dispatcher's transitions (adapters/redis_dispatch.py; the rules are in
+domain/dispatch.py) are a call of `transition` each, no new script: claim =
+guard state PENDING, attempt and update_time_ms as read, set RUNNING,
+worker_id, lease_id, lease_deadline_ms, start_time_ms, zrem QUEUE_READY, zadd
+LEASES scored by the lease deadline (a conflict means another replica took
+the task); progress = guard RUNNING, lease_id and worker_id (a worker that lost
+its lease cannot write), event PROGRESS, set stage/progress/message and a new
+deadline; complete/fail/cancel ack = the same guards, set the outcome, zrem
+LEASES (zadd QUEUE_DELAYED or QUEUE_READY for a retry); lease expiry = guard
+RUNNING, lease_id and lease_deadline_ms, set PENDING with attempt + 1 and
+next_attempt_time_ms, zadd QUEUE_DELAYED, zrem LEASES. Renewing a lease is not
+a change of the task: a small script there moves lease_deadline_ms and the
+LEASES score only, and writes no event.
 
 Errors: Redis connection errors and timeouts become
 `Unavailable("REDIS_UNAVAILABLE", retry_after=1.0)` at every public method
@@ -87,7 +96,15 @@ import functools
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 from typing import Any, Literal, ParamSpec, TypeVar
 
@@ -147,38 +164,49 @@ def _json(value: object) -> str:
     return json.dumps(value, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
 
 
+# How each Task attribute is stored: one function per hash field.
+_ENCODERS: dict[str, Callable[[Task], str]] = {
+    "id": lambda t: t.id,
+    "knowledge_base_id": lambda t: t.knowledge_base_id,
+    "document_id": lambda t: t.document_id,
+    "filename": lambda t: t.filename,
+    "content_type": lambda t: t.content_type,
+    "size_bytes": lambda t: str(t.size_bytes),
+    "sha256": lambda t: t.sha256,
+    "object_key": lambda t: t.object_key,
+    "state": lambda t: t.state.value,
+    "create_time_ms": lambda t: str(t.create_time_ms),
+    "update_time_ms": lambda t: str(t.update_time_ms),
+    "stage": lambda t: t.stage.value,
+    "progress": lambda t: repr(float(t.progress)),
+    "message": lambda t: t.message,
+    "attempt": lambda t: str(t.attempt),
+    "max_attempts": lambda t: str(t.max_attempts),
+    "priority": lambda t: str(t.priority),
+    "error": lambda t: "" if t.error is None else _json(dataclasses.asdict(t.error)),
+    "worker_id": lambda t: t.worker_id,
+    "cancel_requested": lambda t: "1" if t.cancel_requested else "0",
+    "result": lambda t: "" if t.result is None else _json(dataclasses.asdict(t.result)),
+    "callback_url": lambda t: t.callback_url,
+    "callback_attempts": lambda t: _json([dataclasses.asdict(a) for a in t.callback_attempts]),
+    "chunking": lambda t: _json(dataclasses.asdict(t.chunking)),
+    "metadata": lambda t: _json(t.metadata),
+    "start_time_ms": lambda t: str(t.start_time_ms),
+    "end_time_ms": lambda t: str(t.end_time_ms),
+    "next_attempt_time_ms": lambda t: str(t.next_attempt_time_ms),
+    "lease_id": lambda t: t.lease_id,
+    "lease_deadline_ms": lambda t: str(t.lease_deadline_ms),
+}
+
+
 def encode_task(task: Task) -> dict[str, str]:
     """The task as the string fields of its hash (and of its events)."""
-    return {
-        "id": task.id,
-        "knowledge_base_id": task.knowledge_base_id,
-        "document_id": task.document_id,
-        "filename": task.filename,
-        "content_type": task.content_type,
-        "size_bytes": str(task.size_bytes),
-        "sha256": task.sha256,
-        "object_key": task.object_key,
-        "state": task.state.value,
-        "create_time_ms": str(task.create_time_ms),
-        "update_time_ms": str(task.update_time_ms),
-        "stage": task.stage.value,
-        "progress": repr(float(task.progress)),
-        "message": task.message,
-        "attempt": str(task.attempt),
-        "max_attempts": str(task.max_attempts),
-        "priority": str(task.priority),
-        "error": "" if task.error is None else _json(dataclasses.asdict(task.error)),
-        "worker_id": task.worker_id,
-        "cancel_requested": "1" if task.cancel_requested else "0",
-        "result": "" if task.result is None else _json(dataclasses.asdict(task.result)),
-        "callback_url": task.callback_url,
-        "callback_attempts": _json([dataclasses.asdict(a) for a in task.callback_attempts]),
-        "chunking": _json(dataclasses.asdict(task.chunking)),
-        "metadata": _json(task.metadata),
-        "start_time_ms": str(task.start_time_ms),
-        "end_time_ms": str(task.end_time_ms),
-        "next_attempt_time_ms": str(task.next_attempt_time_ms),
-    }
+    return {name: encode(task) for name, encode in _ENCODERS.items()}
+
+
+def encode_fields(task: Task, names: Iterable[str]) -> dict[str, str]:
+    """`encode_task(task)` restricted to `names` (without encoding the others)."""
+    return {name: _ENCODERS[name](task) for name in names}
 
 
 def _text(value: bytes | str) -> str:
@@ -190,7 +218,10 @@ Fields = Mapping[bytes, bytes] | Mapping[str, str] | Mapping[bytes | str, bytes 
 
 
 def _texts(fields: Fields) -> dict[str, str]:
-    return {_text(k): _text(v) for k, v in fields.items()}
+    try:  # as read from Redis: all bytes
+        return {k.decode(): v.decode() for k, v in fields.items()}  # type: ignore[union-attr]
+    except AttributeError:
+        return {_text(k): _text(v) for k, v in fields.items()}
 
 
 def decode_task(fields: Fields) -> Task:
@@ -240,6 +271,8 @@ def decode_task(fields: Fields) -> Task:
         start_time_ms=num("start_time_ms"),
         end_time_ms=num("end_time_ms"),
         next_attempt_time_ms=num("next_attempt_time_ms"),
+        lease_id=f.get("lease_id", ""),
+        lease_deadline_ms=num("lease_deadline_ms"),
     )
 
 
@@ -285,7 +318,8 @@ end
 #       6 task events, 7 TASKS, 8 kb tasks, 9 tasks in PENDING, 10 kb tasks in PENDING,
 #       11 QUEUE_READY, 12 kb documents.
 # ARGV[1]: JSON {request, force (booleans), request_ttl, maxlen (numbers), score, time_ms,
-#       task_id, document_id (strings), task, document (objects of string fields)}.
+#       task_id, document_id, wake (the QUEUE_WAKE channel) (strings), task, document
+#       (objects of string fields)}.
 # Answers {"created", event id} | {"exists"} (this very task was written already: a resent
 # command) | {"replayed", task id} | {"duplicate", document id} | {"kb_missing"}.
 _CREATE = (
@@ -313,6 +347,7 @@ local created = spec.task.create_time_ms
 for i = 7, 10 do redis.call('ZADD', KEYS[i], created, spec.task_id) end
 redis.call('ZADD', KEYS[11], spec.score, spec.task_id)
 redis.call('ZADD', KEYS[12], created, spec.document_id)
+if spec.wake then redis.call('PUBLISH', spec.wake, spec.task_id) end
 local event_id = redis.call('XADD', KEYS[6], 'MAXLEN', '~', spec.maxlen, '*',
   'event_type', 'STATE_CHANGED', 'event_time_ms', spec.time_ms, unpack(task))
 return {'created', event_id}
@@ -323,7 +358,8 @@ return {'created', event_id}
 #       the task is in, 5-6 those of the state it goes to (the same when it stays), 7.. zsets
 #       named by spec.zadd / spec.zrem and the idempotency key spec.once, by index.
 # ARGV[1]: JSON {id, guard {field: value}, set {field: value}, zadd [[key index, score]],
-#       zrem [key index], once (key index, 0 = none), once_ttl, event, time_ms, maxlen}.
+#       zrem [key index], once (key index, 0 = none), once_ttl, event, time_ms, maxlen,
+#       publish [[channel, message]] (sent after the write)}.
 # Answers {"ok", event id, fields} | {"conflict", fields} (a guard field differs: nothing
 # written) | {"replayed", fields} (the idempotency key exists: nothing written) |
 # {"missing"}.
@@ -351,6 +387,7 @@ end
 for _, k in ipairs(spec.zrem) do redis.call('ZREM', KEYS[k], spec.id) end
 for _, op in ipairs(spec.zadd) do redis.call('ZADD', KEYS[op[1]], op[2], spec.id) end
 if spec.once > 0 then redis.call('SET', KEYS[spec.once], spec.id, 'EX', spec.once_ttl) end
+for _, m in ipairs(spec.publish) do redis.call('PUBLISH', m[1], m[2]) end
 local fields = redis.call('HGETALL', KEYS[1])
 local event_id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', spec.maxlen, '*',
   'event_type', spec.event, 'event_time_ms', spec.time_ms, unpack(fields))
@@ -578,6 +615,7 @@ class RedisTaskStore:
                 "time_ms": str(task.create_time_ms),
                 "task_id": task.id,
                 "document_id": task.document_id,
+                "wake": redis_keys.QUEUE_WAKE,
                 "task": encode_task(task),
                 "document": encode_document(task),
             }
@@ -689,6 +727,7 @@ class RedisTaskStore:
         zrem: Sequence[str] = (),
         once_key: str = "",
         now: int | None = None,
+        publish: Sequence[tuple[str, str]] = (),
     ) -> Transitioned:
         """Atomically applies `changes` to `task` as it was read, with one event.
 
@@ -697,7 +736,9 @@ class RedisTaskStore:
         zsets if `changes` has a new state, is added to each zset of `zadd` (key → score)
         and removed from each of `zrem`, `once_key` (if any) is set for the request-id
         TTL, update_time_ms becomes `now`, and an `event` entry with the whole record is
-        appended. If `once_key` exists already nothing is written ("replayed").
+        appended; then each (channel, message) of `publish` is published, and the task
+        id on QUEUE_WAKE if it entered QUEUE_READY. If `once_key` exists already nothing
+        is written ("replayed").
         Raises NotFound(TASK_NOT_FOUND) if the task is gone.
         """
         if event in (EventType.SNAPSHOT, EventType.ERROR):
@@ -712,8 +753,9 @@ class RedisTaskStore:
         if after.state.terminal and not task.state.terminal and after.callback_url:
             # The callback outbox: delivered by the callback sender, with retries.
             zadd[redis_keys.CALLBACKS_DUE] = float(time_ms)
-        encoded_after = encode_task(after)
-        encoded_before = encode_task(task)
+        messages = [list(m) for m in publish]
+        if redis_keys.QUEUE_READY in zadd:
+            messages.append([redis_keys.QUEUE_WAKE, task.id])
         kb = task.knowledge_base_id
         keys = [
             redis_keys.task(task.id),
@@ -730,8 +772,8 @@ class RedisTaskStore:
 
         spec = {
             "id": task.id,
-            "guard": {name: encoded_before[name] for name in ("state", *guard)},
-            "set": {name: encoded_after[name] for name in values},
+            "guard": encode_fields(task, ("state", *guard)),
+            "set": encode_fields(after, values),
             "zadd": [[index(key), repr(float(score))] for key, score in zadd.items()],
             "zrem": [index(key) for key in zrem],
             "once": index(once_key) if once_key else 0,
@@ -739,6 +781,7 @@ class RedisTaskStore:
             "event": event.value,
             "time_ms": str(time_ms),
             "maxlen": self._event_history,
+            "publish": messages,
         }
         reply = await self._transition(keys=keys, args=[_json(spec)])
         status = _text(reply[0])
@@ -772,11 +815,13 @@ class RedisTaskStore:
             if task.state is TaskState.RUNNING:
                 if task.cancel_requested:
                     return task
-                # The worker holding it is told; it ends the task as CANCELLED.
+                # The worker holding it is told (through the replica holding its
+                # stream); it ends the task as CANCELLED.
                 done = await self.transition(
                     task,
                     EventType.STATE_CHANGED,
                     {"cancel_requested": True, "message": message},
+                    publish=((redis_keys.DISPATCH_CANCEL, task_id),),
                 )
             else:
                 now = now_ms()

@@ -100,6 +100,10 @@ class Task:
     start_time_ms: int = 0
     end_time_ms: int = 0
     next_attempt_time_ms: int = 0
+    # The lease of the worker holding the task while RUNNING (fencing token), and
+    # when it lapses unless renewed (ms since the epoch); "" / 0 otherwise.
+    lease_id: str = ""
+    lease_deadline_ms: int = 0
 
 
 @dataclass(frozen=True)

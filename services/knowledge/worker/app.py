@@ -1,0 +1,89 @@
+"""Wiring of the knowledge worker: settings → handler → runtime.
+
+Shared by the Knowledge Service (which runs the worker beside its gRPC server)
+and `python -m services.knowledge.worker` (the worker alone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import signal
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any, cast
+
+from redis.asyncio import Redis
+
+from services.common.connections import open_redis, open_s3
+from services.knowledge.settings import KnowledgeSettings
+from services.knowledge.worker.handlers import HandlerFactory, WorkerResources
+from services.knowledge.worker.runtime import WorkerConfig, WorkerRuntime, default_worker_id
+
+log = logging.getLogger(__name__)
+
+
+def load_handler_factory(spec: str) -> HandlerFactory:
+    """The factory named by "module:attribute" (worker.handler)."""
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ValueError(f"worker.handler must be 'module:attribute', got {spec!r}")
+    module = importlib.import_module(module_name)
+    factory = getattr(module, attribute, None)
+    if not callable(factory):
+        raise ValueError(f"worker.handler {spec!r} is not a callable")
+    return cast(HandlerFactory, factory)
+
+
+def build_runtime(settings: KnowledgeSettings, redis: Redis | None, s3: Any) -> WorkerRuntime:
+    worker = settings.worker
+    worker_id = worker.id or default_worker_id()
+    factory = load_handler_factory(worker.handler)
+    handler = factory(
+        WorkerResources(
+            worker_id=worker_id, options=dict(worker.handler_options), redis=redis, s3=s3
+        )
+    )
+    token = worker.token.get_secret_value()
+    if not token:
+        log.warning("worker.token is empty: the Task Manager will refuse this worker")
+    return WorkerRuntime(
+        WorkerConfig(
+            address=settings.task_manager.address,
+            token=token,
+            worker_id=worker_id,
+            concurrency=worker.concurrency,
+            content_types=worker.content_types,
+            reconnect_base_seconds=worker.reconnect_base_seconds,
+            reconnect_cap_seconds=worker.reconnect_cap_seconds,
+        ),
+        handler,
+    )
+
+
+@asynccontextmanager
+async def build_worker(settings: KnowledgeSettings) -> AsyncIterator[WorkerRuntime]:
+    """The worker alone, with the connections a handler may need."""
+    async with AsyncExitStack() as stack:
+        redis = await stack.enter_async_context(open_redis(settings.redis))
+        s3 = await stack.enter_async_context(open_s3(settings.s3))
+        runtime = build_runtime(settings, redis, s3)
+        stack.push_async_callback(runtime.close)
+        yield runtime
+
+
+async def serve_worker(settings: KnowledgeSettings) -> None:
+    """Run the worker until SIGTERM/SIGINT, then drain within the grace period."""
+    async with build_worker(settings) as runtime:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        runner = runtime.start()
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait({runner, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set():
+            log.info("signal received, draining the worker")
+            await runtime.drain(settings.worker.shutdown_grace_seconds)
+        stopped.cancel()
