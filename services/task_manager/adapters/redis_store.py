@@ -88,8 +88,6 @@ Errors: Redis connection errors and timeouts become
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 import dataclasses
 import functools
@@ -111,7 +109,7 @@ from typing import Any, Literal, ParamSpec, TypeVar
 import redis.exceptions
 from redis.asyncio import Redis
 
-from services.common import redis_keys
+from services.common import redis_keys, redis_pages
 from services.common.errors import (
     Aborted,
     FailedPrecondition,
@@ -119,6 +117,7 @@ from services.common.errors import (
     NotFound,
     Unavailable,
 )
+from services.common.redis_pages import newest_first
 from services.task_manager.domain.model import (
     CallbackAttempt,
     Chunking,
@@ -138,8 +137,6 @@ from services.task_manager.domain.upload import MAX_PRIORITY
 EVENT_TYPE_FIELD = "event_type"
 EVENT_TIME_FIELD = "event_time_ms"
 
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 1000
 # Optimistic transitions re-read and retry this often before giving up (ABORTED).
 _MAX_CONFLICTS = 10
 _STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
@@ -448,45 +445,6 @@ def _conflicted(task_id: str) -> Aborted:
 # --- page tokens -----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Cursor:
-    """Position after the last task of a page, and the filters it belongs to."""
-
-    knowledge_base_id: str
-    state: str
-    score: int
-    task_id: str
-
-    def encode(self) -> str:
-        raw = _json(
-            {"kb": self.knowledge_base_id, "state": self.state, "s": self.score, "id": self.task_id}
-        )
-        return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
-
-    @classmethod
-    def decode(cls, token: str, knowledge_base_id: str, state: str) -> _Cursor:
-        bad = InvalidArgument(
-            "INVALID_PAGE_TOKEN",
-            "page_token is not a next_page_token of a ListTasks call with the same filters",
-        )
-        try:
-            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-            data = json.loads(raw)
-        except (binascii.Error, ValueError):
-            raise bad from None
-        if not isinstance(data, dict):
-            raise bad
-        score, task_id = data.get("s"), data.get("id")
-        if (
-            data.get("kb") != knowledge_base_id
-            or data.get("state") != state
-            or type(score) is not int
-            or not isinstance(task_id, str)
-        ):
-            raise bad
-        return cls(knowledge_base_id, state, score, task_id)
-
-
 # --- the store -------------------------------------------------------------------------------
 
 
@@ -516,11 +474,6 @@ def _stream_entries(reply: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
         items = stream[0] if stream and isinstance(stream[0], list) else stream
         entries.extend((entry_id, fields) for entry_id, fields in items)
     return entries
-
-
-def _scored(reply: Any) -> list[tuple[str, int]]:
-    """A ZRANGE … WITHSCORES reply as (member, score) pairs; our index scores are whole ms."""
-    return [(_text(member), int(score)) for member, score in reply]
 
 
 def _stream_id(text: str | bytes) -> tuple[int, int]:
@@ -651,7 +604,6 @@ class RedisTaskStore:
     async def list_tasks(
         self, knowledge_base_id: str, state: TaskState | None, page_size: int, page_token: str
     ) -> TaskPage:
-        size = DEFAULT_PAGE_SIZE if page_size <= 0 else min(page_size, MAX_PAGE_SIZE)
         state_filter = "" if state is None else state.value
         if knowledge_base_id and state is not None:
             key = redis_keys.kb_tasks_in_state(knowledge_base_id, state)
@@ -661,56 +613,21 @@ class RedisTaskStore:
             key = redis_keys.tasks_in_state(state)
         else:
             key = redis_keys.TASKS
-        cursor = _Cursor.decode(page_token, knowledge_base_id, state_filter) if page_token else None
-        want = size + 1  # one more than the page tells whether another page follows
-        if cursor is None:
-            scanned = _scored(
-                await self._redis.zrange(
-                    key,
-                    "+inf",
-                    "-inf",
-                    desc=True,
-                    byscore=True,
-                    offset=0,
-                    num=want,
-                    withscores=True,
-                )
-            )
-        else:
-            # Newest first is (score, id) descending. Tasks created in the same ms as the
-            # cursor and with a lower id come next, then every task of a lower score.
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.zrange(key, cursor.score, cursor.score, desc=True, byscore=True)
-                pipe.zrange(
-                    key,
-                    f"({cursor.score}",
-                    "-inf",
-                    desc=True,
-                    byscore=True,
-                    offset=0,
-                    num=want,
-                    withscores=True,
-                )
-                same_ms, older = await pipe.execute()
-            scanned = [
-                (task_id, cursor.score)
-                for task_id in map(_text, same_ms)
-                if task_id < cursor.task_id
-            ][:want]
-            scanned += _scored(older)[: want - len(scanned)]
-        page = scanned[:size]
+        ids, next_token = await newest_first(
+            self._redis,
+            key,
+            redis_pages.page_size(page_size),
+            f"tasks:{knowledge_base_id}:{state_filter}",
+            page_token,
+        )
         async with self._redis.pipeline(transaction=False) as pipe:
-            for task_id, _ in page:
+            for task_id in ids:
                 pipe.hgetall(redis_keys.task(task_id))
             records = await pipe.execute()
         tasks = [decode_task(fields) for fields in records if fields]
         if state is not None:
             # A task that changed state since the index was read no longer belongs here.
             tasks = [t for t in tasks if t.state is state]
-        next_token = ""
-        if len(scanned) > size:
-            last_id, last_score = page[-1]
-            next_token = _Cursor(knowledge_base_id, state_filter, last_score, last_id).encode()
         return TaskPage(tasks=tasks, next_page_token=next_token)
 
     # --- transitions ---
