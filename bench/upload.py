@@ -48,14 +48,15 @@ from kbmesh.taskmanager.v1 import task_manager_pb2_grpc as tm_grpc
 
 MIB = 1024 * 1024
 CHUNK = MIB  # client message size (Envoy also splits REST bodies into ≤ 1 MiB)
+PACED_CHUNK = 64 * 1024  # what a client on a slow link sends at a time
 BLOCK = os.urandom(64 * MIB)  # repeated: S3 does not deduplicate
 
 
-def chunks(size: int) -> Iterator[bytes]:
+def chunks(size: int, chunk: int = CHUNK) -> Iterator[bytes]:
     sent = 0
     while sent < size:
         offset = sent % len(BLOCK)
-        piece = BLOCK[offset : offset + min(CHUNK, size - sent, len(BLOCK) - offset)]
+        piece = BLOCK[offset : offset + min(chunk, size - sent, len(BLOCK) - offset)]
         sent += len(piece)
         yield piece
 
@@ -239,10 +240,11 @@ async def through_envoy(stack: Stack, kb: str, size: int) -> float:
 
 
 async def ack_latencies(
-    stack: Stack, kb: str, in_flight: int, rounds: int, max_size: int
+    stack: Stack, kb: str, in_flight: int, rounds: int, max_size: int, rate: int
 ) -> list[float]:
     """`in_flight` clients each upload `rounds` files of random size back to back
-    (staggered starts), so about `in_flight` uploads are always streaming.
+    (staggered starts), so about `in_flight` uploads are always streaming, each
+    at most `rate` bytes/s (0: as fast as it can, which saturates this machine).
     Returns, per upload, seconds from the client's last byte to the answer."""
     rng = random.Random(7)
     async with grpc.aio.insecure_channel(stack.tm_address) as channel:
@@ -254,7 +256,12 @@ async def ack_latencies(
             async def messages() -> AsyncIterator[tm.UploadRequest]:
                 nonlocal last_byte
                 yield tm.UploadRequest(knowledge_base_id=kb, filename=name)
-                for piece in chunks(size):
+                started = time.perf_counter()
+                sent = 0
+                for piece in chunks(size, PACED_CHUNK if rate else CHUNK):
+                    if rate:  # a client on a slower link
+                        await asyncio.sleep(max(0.0, started + sent / rate - time.perf_counter()))
+                    sent += len(piece)
                     yield tm.UploadRequest(file={"data": piece})
                 last_byte = time.perf_counter()
 
@@ -282,6 +289,9 @@ async def main() -> None:
     parser.add_argument("--concurrent", type=int, default=100, help="uploads in flight")
     parser.add_argument("--rounds", type=int, default=5, help="uploads per concurrent client")
     parser.add_argument("--max-kb", type=int, default=512, help="largest of those uploads")
+    parser.add_argument(
+        "--client-rate-kib", type=int, default=256, help="per-client send rate, paced phase"
+    )
     args = parser.parse_args()
     size = args.size_mb * MIB
     with tempfile.TemporaryDirectory(prefix="kbmesh-bench-") as tmp, ExitStack() as closer:
@@ -291,8 +301,12 @@ async def main() -> None:
         direct = await direct_s3(stack, size)
         via_tm, rss_growth = await through_task_manager(stack, kb, size)
         via_envoy = await through_envoy(stack, kb, size)
-        acks = await ack_latencies(stack, kb, args.concurrent, args.rounds, args.max_kb * 1024)
-        served = server_ack_ms(stack.tm_log, len(acks))
+        phases = {}
+        for rate in (args.client_rate_kib * 1024, 0):
+            acks = await ack_latencies(
+                stack, kb, args.concurrent, args.rounds, args.max_kb * 1024, rate
+            )
+            phases[rate] = (acks, server_ack_ms(stack.tm_log, len(acks)))
     mb = size / MIB
     print(f"upload of {mb:.0f} MiB (same machine, same SeaweedFS):")
     print(f"  direct aioboto3 multipart  {mb / direct:8.1f} MiB/s   (baseline)")
@@ -305,19 +319,21 @@ async def main() -> None:
         f"ratio {direct / via_envoy:.2f} (target >= 0.80)"
     )
     print(f"  Task Manager RSS growth    {rss_growth / MIB:8.1f} MiB      (target < 64 MiB)")
-    print(
-        f"ack latency, {args.concurrent} uploads in flight ({len(acks)} uploads of "
-        f"16-{args.max_kb} KiB):"
-    )
-    print(
-        f"  service (last byte received -> task durable): p50 {statistics.median(served):.1f} ms,"
-        f" p99 {percentile(served, 99):.1f} ms (target p99 <= 50 ms)"
-    )
-    print(
-        f"  client (last byte handed to gRPC -> answer):  p50 "
-        f"{statistics.median(acks) * 1000:.1f} ms, p99 {percentile(acks, 99) * 1000:.1f} ms"
-        " (includes the client's own send queue)"
-    )
+    for rate, (acks, served) in phases.items():
+        pace = f"each sending {rate // 1024} KiB/s" if rate else "each sending flat out"
+        print(
+            f"ack latency, {args.concurrent} uploads in flight, {pace} "
+            f"({len(acks)} uploads of 16-{args.max_kb} KiB):"
+        )
+        print(
+            f"  service (last byte received -> task durable): p50 "
+            f"{statistics.median(served):.1f} ms, p99 {percentile(served, 99):.1f} ms"
+            " (target p99 <= 50 ms)"
+        )
+        print(
+            f"  client (last byte handed to gRPC -> answer):  p50 "
+            f"{statistics.median(acks) * 1000:.1f} ms, p99 {percentile(acks, 99) * 1000:.1f} ms"
+        )
 
 
 if __name__ == "__main__":

@@ -77,6 +77,11 @@ class ServiceHost:
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", 0),
+            # A fixed per-stream receive window instead of gRPC's BDP probing,
+            # which grows it to tens of MiB on a fast link and holds that much
+            # of every upload in memory before the service reads it.
+            ("grpc.http2.bdp_probe", 0),
+            ("grpc.http2.lookahead_bytes", settings.stream_window_bytes),
         ]
         self.server = grpc.aio.server(
             interceptors=[ErrorTranslation(error_domain)], options=options
