@@ -28,8 +28,8 @@ class GrpcSettings(_Group):
     max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     # HTTP/2 receive window per stream, in bytes: what a client may send ahead
     # of the service. Bounds memory per upload; throughput per stream over a
-    # link is at most window / round-trip time (1 MiB at 20 ms: 50 MiB/s).
-    stream_window_bytes: int = Field(default=1024 * 1024, ge=64 * 1024, le=64 * 1024 * 1024)
+    # link is at most window / round-trip time (2 MiB at 20 ms: 100 MiB/s).
+    stream_window_bytes: int = Field(default=2 * 1024 * 1024, ge=64 * 1024, le=64 * 1024 * 1024)
 
     @property
     def address(self) -> str:
