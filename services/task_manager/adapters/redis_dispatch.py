@@ -35,11 +35,10 @@ import redis.exceptions
 from redis.asyncio import Redis
 
 from services.common import redis_keys
+from services.common.redis_boundary import as_text, redis_boundary
 from services.task_manager.adapters.redis_store import (
     RedisTaskStore,
     Transitioned,
-    _redis_boundary,
-    _text,
     decode_task,
     queue_score,
 )
@@ -106,7 +105,7 @@ return 0
 
 def _members(reply: Any) -> list[str]:
     """The members of a ZRANGE reply (without scores)."""
-    return [_text(member) for member in reply]
+    return [as_text(member) for member in reply]
 
 
 class RedisDispatchQueue:
@@ -119,7 +118,7 @@ class RedisDispatchQueue:
         self._promote = redis.register_script(_PROMOTE)
         self._drop_stale = redis.register_script(_DROP_STALE)
 
-    @_redis_boundary
+    @redis_boundary
     async def get(self, task_id: str) -> Task | None:
         return await self._tasks.get_task(task_id)
 
@@ -133,7 +132,7 @@ class RedisDispatchQueue:
             for task_id, fields in zip(ids, records, strict=True)
         ]
 
-    @_redis_boundary
+    @redis_boundary
     async def ready(self, limit: int) -> list[Task]:
         """The first `limit` tasks of QUEUE_READY (priority, then FIFO), as read now."""
         ids = _members(await self._redis.zrange(redis_keys.QUEUE_READY, 0, limit - 1))
@@ -152,7 +151,7 @@ class RedisDispatchQueue:
         if dropped:
             log.warning("dropped a stale queue entry", extra={"task_id": task_id, "key": key})
 
-    @_redis_boundary
+    @redis_boundary
     async def claim(
         self, task: Task, worker_id: str, lease_id: str, now_ms: int, policy: DispatchPolicy
     ) -> Task | None:
@@ -170,7 +169,7 @@ class RedisDispatchQueue:
         )
         return done.task if done.status == "ok" else None
 
-    @_redis_boundary
+    @redis_boundary
     async def apply(
         self, task: Task, outcome: Outcome, guard: Sequence[str], now_ms: int
     ) -> Transitioned:
@@ -193,7 +192,7 @@ class RedisDispatchQueue:
             now=now_ms,
         )
 
-    @_redis_boundary
+    @redis_boundary
     async def progress(self, task: Task, changes: dict[str, Any], now_ms: int) -> Transitioned:
         """A progress report on a task the worker holds; renews its lease."""
         return await self._tasks.transition(
@@ -205,7 +204,7 @@ class RedisDispatchQueue:
             now=now_ms,
         )
 
-    @_redis_boundary
+    @redis_boundary
     async def renew(
         self, worker_id: str, leases: Sequence[tuple[str, str]], deadline_ms: int
     ) -> list[Renewal]:
@@ -222,7 +221,7 @@ class RedisDispatchQueue:
         reply = await self._renew(keys=keys, args=args)
         return [Renewal(int(code)) for code in reply]
 
-    @_redis_boundary
+    @redis_boundary
     async def promote_due(self, now_ms: int, limit: int) -> int:
         """Moves up to `limit` tasks whose backoff ended to QUEUE_READY."""
         due = await self._redis.zrange(
@@ -239,7 +238,7 @@ class RedisDispatchQueue:
         args = [str(now_ms), str(MAX_PRIORITY), redis_keys.QUEUE_WAKE, *ids]
         return int(await self._promote(keys=keys, args=args))
 
-    @_redis_boundary
+    @redis_boundary
     async def lapsed(self, now_ms: int, limit: int) -> list[Task]:
         """Up to `limit` RUNNING tasks whose lease deadline has passed, as read now."""
         due = await self._redis.zrange(
@@ -267,8 +266,8 @@ class RedisDispatchQueue:
                     message = await pubsub.get_message(timeout=30.0)
                     if message is None or message.get("type") != "message":
                         continue
-                    channel = _text(message["channel"])
-                    data = _text(message["data"])
+                    channel = as_text(message["channel"])
+                    data = as_text(message["data"])
                     if channel == redis_keys.DISPATCH_CANCEL:
                         yield Notice("cancel", data)
                     else:

@@ -88,25 +88,20 @@ Errors: Redis connection errors and timeouts become
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 import json
 import re
 import time
 from collections.abc import (
     AsyncIterator,
     Callable,
-    Coroutine,
     Iterable,
-    Iterator,
     Mapping,
     Sequence,
 )
 from dataclasses import dataclass
-from typing import Any, Literal, ParamSpec, TypeVar
+from typing import Any, Literal
 
-import redis.exceptions
 from redis.asyncio import Redis
 
 from services.common import redis_keys, redis_pages
@@ -115,8 +110,8 @@ from services.common.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    Unavailable,
 )
+from services.common.redis_boundary import as_text, redis_boundary, redis_errors
 from services.common.redis_pages import newest_first
 from services.task_manager.domain.model import (
     CallbackAttempt,
@@ -206,10 +201,6 @@ def encode_fields(task: Task, names: Iterable[str]) -> dict[str, str]:
     return {name: _ENCODERS[name](task) for name in names}
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 # A hash or stream entry as redis-py returns it (bytes) or as `encode_task` makes it (str).
 Fields = Mapping[bytes, bytes] | Mapping[str, str] | Mapping[bytes | str, bytes | str]
 
@@ -218,7 +209,7 @@ def _texts(fields: Fields) -> dict[str, str]:
     try:  # as read from Redis: all bytes
         return {k.decode(): v.decode() for k, v in fields.items()}  # type: ignore[union-attr]
     except AttributeError:
-        return {_text(k): _text(v) for k, v in fields.items()}
+        return {as_text(k): as_text(v) for k, v in fields.items()}
 
 
 def decode_task(fields: Fields) -> Task:
@@ -294,7 +285,7 @@ def decode_event(event_id: bytes | str, fields: Fields) -> TaskEvent:
     f = _texts(fields)
     event_type = EventType(f.pop(EVENT_TYPE_FIELD))
     time_ms = int(f.pop(EVENT_TIME_FIELD))
-    return TaskEvent(id=_text(event_id), type=event_type, task=decode_task(f), time_ms=time_ms)
+    return TaskEvent(id=as_text(event_id), type=event_type, task=decode_task(f), time_ms=time_ms)
 
 
 # --- Lua -------------------------------------------------------------------------------------
@@ -398,36 +389,6 @@ def _pairs(flat: Sequence[bytes]) -> dict[bytes, bytes]:
     return dict(zip(flat[0::2], flat[1::2], strict=True))
 
 
-# --- errors ----------------------------------------------------------------------------------
-
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
-
-
-@contextlib.contextmanager
-def _redis_errors() -> Iterator[None]:
-    """Turns a lost or timed-out Redis connection into UNAVAILABLE with a retry hint."""
-    try:
-        yield
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-        raise Unavailable(
-            "REDIS_UNAVAILABLE",
-            "the task store (Redis) is unreachable; retry shortly",
-            retry_after=1.0,
-        ) from exc
-
-
-def _redis_boundary(
-    fn: Callable[_P, Coroutine[Any, Any, _R]],
-) -> Callable[_P, Coroutine[Any, Any, _R]]:
-    @functools.wraps(fn)
-    async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        with _redis_errors():
-            return await fn(*args, **kwargs)
-
-    return wrapper
-
-
 def _task_not_found(task_id: str) -> NotFound:
     return NotFound(
         "TASK_NOT_FOUND", f"task {task_id!r} does not exist", metadata={"task_id": task_id}
@@ -477,7 +438,7 @@ def _stream_entries(reply: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
 
 
 def _stream_id(text: str | bytes) -> tuple[int, int]:
-    ms, _, seq = _text(text).partition("-")
+    ms, _, seq = as_text(text).partition("-")
     return int(ms), int(seq or 0)
 
 
@@ -506,30 +467,30 @@ class RedisTaskStore:
 
     # --- reads ---
 
-    @_redis_boundary
+    @redis_boundary
     async def knowledge_base_exists(self, knowledge_base_id: str) -> bool:
         return bool(await self._redis.exists(redis_keys.knowledge_base(knowledge_base_id)))
 
-    @_redis_boundary
+    @redis_boundary
     async def get_task(self, task_id: str) -> Task | None:
         fields = await self._redis.hgetall(redis_keys.task(task_id))
         return decode_task(fields) if fields else None
 
-    @_redis_boundary
+    @redis_boundary
     async def task_for_request(self, knowledge_base_id: str, request_id: str) -> Task | None:
         task_id = await self._redis.get(redis_keys.kb_request(knowledge_base_id, request_id))
-        return None if task_id is None else await self.get_task(_text(task_id))
+        return None if task_id is None else await self.get_task(as_text(task_id))
 
-    @_redis_boundary
+    @redis_boundary
     async def task_for_content(self, knowledge_base_id: str, sha256: str) -> Task | None:
         document_id = await self._redis.get(redis_keys.kb_content(knowledge_base_id, sha256))
-        return None if document_id is None else await self._document_task(_text(document_id))
+        return None if document_id is None else await self._document_task(as_text(document_id))
 
     async def _document_task(self, document_id: str) -> Task | None:
         task_id = await self._redis.hget(redis_keys.document(document_id), "task_id")
-        return None if task_id is None else await self.get_task(_text(task_id))
+        return None if task_id is None else await self.get_task(as_text(task_id))
 
-    @_redis_boundary
+    @redis_boundary
     async def queue_depth(self) -> int:
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.zcard(redis_keys.QUEUE_READY)
@@ -539,7 +500,7 @@ class RedisTaskStore:
 
     # --- uploads ---
 
-    @_redis_boundary
+    @redis_boundary
     async def create_ingestion(self, task: Task, request_id: str, force: bool) -> CreateOutcome:
         if task.state is not TaskState.PENDING:
             raise ValueError(f"a new task must be PENDING, not {task.state}")
@@ -577,7 +538,7 @@ class RedisTaskStore:
         # knowledge base is being deleted; the next run of the script then says so.
         for _ in range(_MAX_CONFLICTS):
             reply = await self._create(keys=keys, args=[spec])
-            status = _text(reply[0])
+            status = as_text(reply[0])
             if status in ("created", "exists"):
                 return CreateOutcome(task=task, created=True)
             if status == "kb_missing":
@@ -587,11 +548,11 @@ class RedisTaskStore:
                     metadata={"knowledge_base_id": kb},
                 )
             if status == "replayed":
-                earlier = await self.get_task(_text(reply[1]))
+                earlier = await self.get_task(as_text(reply[1]))
                 if earlier is not None:
                     return CreateOutcome(task=earlier, created=False, replayed=True)
             elif status == "duplicate":
-                same = await self._document_task(_text(reply[1]))
+                same = await self._document_task(as_text(reply[1]))
                 if same is not None:
                     return CreateOutcome(task=same, created=False, duplicate=True)
             else:
@@ -600,7 +561,7 @@ class RedisTaskStore:
 
     # --- listing ---
 
-    @_redis_boundary
+    @redis_boundary
     async def list_tasks(
         self, knowledge_base_id: str, state: TaskState | None, page_size: int, page_token: str
     ) -> TaskPage:
@@ -632,7 +593,7 @@ class RedisTaskStore:
 
     # --- transitions ---
 
-    @_redis_boundary
+    @redis_boundary
     async def transition(
         self,
         task: Task,
@@ -701,11 +662,11 @@ class RedisTaskStore:
             "publish": messages,
         }
         reply = await self._transition(keys=keys, args=[_json(spec)])
-        status = _text(reply[0])
+        status = as_text(reply[0])
         if status == "missing":
             raise _task_not_found(task.id)
         if status == "ok":
-            return Transitioned("ok", decode_task(_pairs(reply[2])), _text(reply[1]))
+            return Transitioned("ok", decode_task(_pairs(reply[2])), as_text(reply[1]))
         if status == "conflict":
             return Transitioned("conflict", decode_task(_pairs(reply[1])))
         if status == "replayed":
@@ -718,7 +679,7 @@ class RedisTaskStore:
             raise _task_not_found(task_id)
         return decode_task(fields)
 
-    @_redis_boundary
+    @redis_boundary
     async def cancel(self, task_id: str, reason: str) -> Task:
         message = f"cancelled: {reason}" if reason else "cancelled"
         task = await self._require(task_id)
@@ -760,7 +721,7 @@ class RedisTaskStore:
             task = done.task
         raise _conflicted(task_id)
 
-    @_redis_boundary
+    @redis_boundary
     async def retry(self, task_id: str, request_id: str) -> Task:
         once_key = redis_keys.task_retry_request(task_id, request_id) if request_id else ""
         task = await self._require(task_id)
@@ -820,7 +781,7 @@ class RedisTaskStore:
             )
         task_key = redis_keys.task(task_id)
         events_key = redis_keys.task_events(task_id)
-        with _redis_errors():
+        with redis_errors():
             # The record and the stream position in one transaction: the snapshot is
             # exactly the state after the last event it reports.
             async with self._redis.pipeline(transaction=True) as pipe:
@@ -831,7 +792,7 @@ class RedisTaskStore:
             if not fields:
                 raise _task_not_found(task_id)
             task = decode_task(fields)
-            last_id = _text(last[0][0]) if last else "0-0"
+            last_id = as_text(last[0][0]) if last else "0-0"
             cursor = after_event_id
             if cursor and _stream_id(cursor) > _stream_id(last_id):
                 raise InvalidArgument(
