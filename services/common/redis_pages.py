@@ -17,6 +17,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from services.common.errors import InvalidArgument
+from services.common.redis_boundary import as_text
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
@@ -54,12 +55,8 @@ class PageCursor:
         return cls(scope, score, member)
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def _scored(rows: Any) -> list[tuple[str, int]]:
-    return [(_text(member), int(score)) for member, score in rows]
+    return [(as_text(member), int(score)) for member, score in rows]
 
 
 async def newest_first(
@@ -91,7 +88,7 @@ async def newest_first(
                 withscores=True,
             )
             same, older = await pipe.execute()
-        scanned = [(m, cursor.score) for m in map(_text, same) if m < cursor.member][:want]
+        scanned = [(m, cursor.score) for m in map(as_text, same) if m < cursor.member][:want]
         scanned += _scored(older)[: want - len(scanned)]
     page = scanned[:size]
     token = ""
