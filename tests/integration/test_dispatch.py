@@ -368,7 +368,7 @@ async def test_a_killed_worker_s_task_completes_on_another_worker(
     workers("w-heir")
     os.kill(doomed.pid, signal.SIGKILL)
     killed_at = time.monotonic()
-    task = await reaches(tm_a, task_id, tm.Task.STATE_SUCCEEDED, LEASE_SECONDS + 10)
+    task = await reaches(tm_a, task_id, tm.Task.STATE_SUCCEEDED, LEASE_SECONDS + 30)
     assert time.monotonic() - killed_at >= LEASE_SECONDS - 0.5  # it waited for the lease
     assert (task.worker_id, task.attempt) == ("w-heir", 2)
     history = await event_history(redis, task_id)
@@ -435,13 +435,13 @@ async def test_cancel_reaches_a_running_task_on_a_worker_of_the_other_replica(
     workers("w-on-b", tm=mesh.tm_b.address)
     task_id = await upload(tm_a, kb, "long", sleep="30", blocking="1")
     await reaches(tm_a, task_id, tm.Task.STATE_RUNNING, 10)
-    asked = time.monotonic()
     answer = await tm_a.CancelTask(tm.CancelTaskRequest(task_id=task_id, reason="changed my mind"))
     assert answer.task.cancel_requested
-    task = await reaches(tm_a, task_id, tm.Task.STATE_CANCELLED, 5)
-    # Well within the lease: the worker was told, it did not just go silent.
-    assert time.monotonic() - asked < LEASE_SECONDS - 1
+    task = await reaches(tm_a, task_id, tm.Task.STATE_CANCELLED, 20)
     assert "changed my mind" in task.message
+    # The worker was told and stopped the work (its handler saw the cancel), rather
+    # than the lease lapsing while the handler slept on.
+    assert not lease_expired_in(await event_history(redis, task_id))
     mine = [(r["event"], r["worker_id"]) for r in await records(redis) if r["task_id"] == task_id]
     assert mine == [("start", "w-on-b"), ("cancelled", "w-on-b")]
 
@@ -456,15 +456,13 @@ async def test_a_stopping_worker_hands_its_task_back(
     task_id = await upload(tm_a, kb, "handed-back", sleep="3")
     await reaches(tm_a, task_id, tm.Task.STATE_RUNNING, 10)
     workers("w-staying")
-    began = time.monotonic()
     await asyncio.to_thread(leaving.stop)  # SIGTERM: 0.5 s grace, then hand back
 
     async def taken_over() -> bool:
         return (await get(tm_a, task_id)).worker_id == "w-staying"
 
-    await eventually(taken_over, 5, "the other worker runs the task")
-    assert time.monotonic() - began < LEASE_SECONDS  # handed back, not left to lapse
-    task = await reaches(tm_a, task_id, tm.Task.STATE_SUCCEEDED, 10)
+    await eventually(taken_over, 20, "the other worker runs the task")
+    task = await reaches(tm_a, task_id, tm.Task.STATE_SUCCEEDED, 20)
     assert task.attempt == 1  # a shutdown does not use up an attempt
     history = await event_history(redis, task_id)
     assert any('"WORKER_SHUTDOWN"' in e["error"] for e in history if e["state"] == "PENDING")
