@@ -100,3 +100,15 @@ def kb_create_request(request_id: str) -> str:
     """string: id of the knowledge base created by CreateKnowledgeBase with this
     idempotency key (expires)."""
     return f"{PREFIX}kb-create-request:{request_id}"
+
+
+def document_delete_request(document_id: str, request_id: str) -> str:
+    """string: chunks removed by DeleteDocument with this idempotency key, so a
+    retry after success answers OK again (expires)."""
+    return f"{PREFIX}doc:{document_id}:delete-request:{request_id}"
+
+
+def kb_delete_request(kb_id: str, request_id: str) -> str:
+    """string: JSON outcome of DeleteKnowledgeBase with this idempotency key, so a
+    retry after success answers OK again (expires)."""
+    return f"{PREFIX}kb:{kb_id}:delete-request:{request_id}"

@@ -5,6 +5,10 @@ RPCs that later work fills in answer UNIMPLEMENTED with reason NOT_IMPLEMENTED.
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import json
+import logging
 import time
 from dataclasses import replace
 from typing import Any
@@ -15,9 +19,12 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from kbmesh.knowledge.v1 import knowledge_pb2 as kn
 from kbmesh.knowledge.v1 import knowledge_pb2_grpc as kn_grpc
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unimplemented
-from services.common.ids import new_id
+from services.common.ids import is_id, new_id
 from services.knowledge.adapters.redis_documents import RedisDocuments
 from services.knowledge.adapters.redis_kb_store import RedisKnowledgeBases
+from services.knowledge.adapters.s3_objects import S3Objects
+from services.knowledge.adapters.task_cancel import TaskCanceller
+from services.knowledge.domain.chunks import ChunkIndex, ChunkRecord, Embedder, SearchHit
 from services.knowledge.domain.documents import Document
 from services.knowledge.domain.knowledge_bases import (
     UPDATABLE_FIELDS,
@@ -28,6 +35,9 @@ from services.knowledge.domain.knowledge_bases import (
     validate_labels,
     validate_name,
 )
+from services.knowledge.domain.search import validate_search
+
+log = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -104,10 +114,104 @@ def document_to_proto(document: Document) -> kn.Document:
     return message
 
 
+DEFAULT_CHUNK_PAGE = 100
+MAX_CHUNK_PAGE = 1000
+# Task states in which a document's ingestion can still write to the index.
+_ACTIVE_STATES = ("PENDING", "RUNNING")
+_SEARCH_MODES = {
+    kn.SearchRequest.MODE_UNSPECIFIED: "",
+    kn.SearchRequest.MODE_VECTOR: "vector",
+    kn.SearchRequest.MODE_KEYWORD: "keyword",
+    kn.SearchRequest.MODE_HYBRID: "hybrid",
+}
+_MODE_ENUM = {
+    "vector": kn.SearchRequest.MODE_VECTOR,
+    "keyword": kn.SearchRequest.MODE_KEYWORD,
+    "hybrid": kn.SearchRequest.MODE_HYBRID,
+}
+
+
+def _position(chunk: ChunkRecord) -> kn.ChunkPosition:
+    return kn.ChunkPosition(
+        chunk_index=chunk.chunk_index,
+        page_number=chunk.page_number,
+        heading=chunk.heading,
+        sheet=chunk.sheet,
+        start_char=chunk.start_char,
+        end_char=chunk.end_char,
+    )
+
+
+def _result(hit: SearchHit) -> kn.SearchResult:
+    chunk = hit.chunk
+    return kn.SearchResult(
+        chunk_id=chunk.id,
+        text=chunk.text,
+        score=hit.score,
+        document_id=chunk.document_id,
+        filename=chunk.filename,
+        position=_position(chunk),
+        metadata=chunk.metadata,
+    )
+
+
+def _chunk_token(document_id: str, next_index: int) -> str:
+    return base64.urlsafe_b64encode(f"chunks:{document_id}:{next_index}".encode()).decode()
+
+
+def _parse_chunk_token(document_id: str, token: str) -> int:
+    try:
+        kind, doc, index = base64.urlsafe_b64decode(token.encode()).decode().split(":")
+        start = int(index)
+    except ValueError as exc:
+        raise InvalidArgument("INVALID_PAGE_TOKEN", "page_token is not valid here") from exc
+    if kind != "chunks" or doc != document_id or start < 0:
+        raise InvalidArgument("INVALID_PAGE_TOKEN", "page_token is not valid here")
+    return start
+
+
+def _require_document_id(document_id: str) -> str:
+    if not document_id:
+        raise InvalidArgument("MISSING_DOCUMENT_ID", "document_id is required")
+    if len(document_id) > 64:
+        raise InvalidArgument("INVALID_DOCUMENT_ID", "document_id is too long")
+    return document_id
+
+
+def _document_not_found(kb_id: str, document_id: str) -> NotFound:
+    return NotFound(
+        "DOCUMENT_NOT_FOUND",
+        f"document {document_id!r} is not in knowledge base {kb_id!r}",
+        metadata={"document_id": document_id, "knowledge_base_id": kb_id},
+    )
+
+
 class KnowledgeApi(kn_grpc.KnowledgeServiceServicer):
-    def __init__(self, knowledge_bases: RedisKnowledgeBases, documents: RedisDocuments) -> None:
+    """`index`, `embedder`, `objects` and `tasks` are optional so the servicer
+    can run without them (RPCs needing them then answer FAILED_PRECONDITION);
+    the composition root passes all of them."""
+
+    def __init__(
+        self,
+        knowledge_bases: RedisKnowledgeBases,
+        documents: RedisDocuments,
+        *,
+        index: ChunkIndex | None = None,
+        embedder: Embedder | None = None,
+        objects: S3Objects | None = None,
+        tasks: TaskCanceller | None = None,
+    ) -> None:
         self._kbs = knowledge_bases
         self._documents = documents
+        self._index = index
+        self._embedder = embedder
+        self._objects = objects
+        self._tasks = tasks
+
+    def _require_index(self) -> ChunkIndex:
+        if self._index is None:
+            raise FailedPrecondition("INDEX_NOT_AVAILABLE", "this service has no chunk index")
+        return self._index
 
     async def _to_proto(self, kb: KnowledgeBase) -> kn.KnowledgeBase:
         return kb_to_proto(kb, await self._kbs.document_count(kb.id))
@@ -202,7 +306,54 @@ class KnowledgeApi(kn_grpc.KnowledgeServiceServicer):
     async def DeleteKnowledgeBase(
         self, request: kn.DeleteKnowledgeBaseRequest, context: Context
     ) -> kn.DeleteKnowledgeBaseResponse:
-        raise Unimplemented("DeleteKnowledgeBase")
+        kb_id = _require_kb_id(request.knowledge_base_id)
+        if len(request.request_id) > 128:
+            raise InvalidArgument("INVALID_REQUEST_ID", "request_id is at most 128 characters")
+        earlier = await self._kbs.deleted_by_request(kb_id, request.request_id)
+        if earlier is not None:
+            return kn.DeleteKnowledgeBaseResponse(**json.loads(earlier))
+        index = self._require_index()
+        kb = await self._kbs.get(kb_id)
+        if kb is None and not is_id(kb_id):
+            await self._kbs.require(kb_id)  # NOT_FOUND, like every other RPC
+        if kb is not None:
+            # The record goes first: from here on uploads get NOT_FOUND (the Task
+            # Manager's create script checks it atomically), so the documents and
+            # tasks read below are all there will ever be.
+            await self._kbs.delete(kb)
+        document_ids = await self._documents.ids(kb_id)
+        if kb is None and not document_ids and not await index.count_chunks(kb_id):
+            # Nothing left of it: unknown, or fully deleted by an earlier call.
+            await self._kbs.require(kb_id)
+        cancelled = 0
+        for task_id in await self._kbs.active_task_ids(kb_id):
+            if await self._cancel(task_id, "knowledge base deleted"):
+                cancelled += 1
+        deleted = 0
+        for document_id in document_ids:
+            document = await self._documents.get(kb_id, document_id)
+            if document is not None:
+                await self._remove_document(document)
+                deleted += 1
+        await index.delete_knowledge_base(kb_id)
+        await self._kbs.forget_documents(kb_id)
+        outcome = {"deleted_document_count": deleted, "cancelled_task_count": cancelled}
+        await self._kbs.remember_deletion(kb_id, request.request_id, json.dumps(outcome))
+        log.info("knowledge base deleted", extra={"knowledge_base_id": kb_id, **outcome})
+        return kn.DeleteKnowledgeBaseResponse(**outcome)
+
+    async def _cancel(self, task_id: str, reason: str) -> bool:
+        if self._tasks is None:
+            raise FailedPrecondition(
+                "TASK_MANAGER_NOT_CONFIGURED", "this service cannot reach the Task Manager"
+            )
+        return await self._tasks.cancel(task_id, reason)
+
+    async def _remove_document(self, document: Document) -> None:
+        """The stored object and the records (the index is handled by the caller)."""
+        if self._objects is not None:
+            await self._objects.delete(document.object_key)
+        await self._documents.delete(document)
 
     async def ListDocuments(
         self, request: kn.ListDocumentsRequest, context: Context
@@ -236,7 +387,30 @@ class KnowledgeApi(kn_grpc.KnowledgeServiceServicer):
     async def DeleteDocument(
         self, request: kn.DeleteDocumentRequest, context: Context
     ) -> kn.DeleteDocumentResponse:
-        raise Unimplemented("DeleteDocument")
+        kb_id = _require_kb_id(request.knowledge_base_id)
+        document_id = _require_document_id(request.document_id)
+        if len(request.request_id) > 128:
+            raise InvalidArgument("INVALID_REQUEST_ID", "request_id is at most 128 characters")
+        earlier = await self._documents.deleted_by_request(document_id, request.request_id)
+        if earlier is not None:
+            return kn.DeleteDocumentResponse(deleted_chunk_count=int(earlier or 0))
+        index = self._require_index()
+        kb = await self._kbs.require(kb_id)
+        document = await self._documents.get(kb.id, document_id)
+        if document is None:
+            raise _document_not_found(kb.id, document_id)
+        # Cancel first, so a worker does not index the document again after its
+        # chunks are gone (a task already past its last progress report can
+        # still finish: see docs/search.md).
+        if document.state in _ACTIVE_STATES:
+            await self._cancel(document.task_id, "document deleted")
+        deleted = await index.delete_document(kb.id, document.id)
+        if self._objects is not None:
+            await self._objects.delete(document.object_key)
+        # Records last: a failure above leaves the document listed, so the
+        # caller's retry finishes the job.
+        await self._documents.delete(document, request.request_id, str(deleted))
+        return kn.DeleteDocumentResponse(deleted_chunk_count=deleted)
 
     async def ReindexDocument(
         self, request: kn.ReindexDocumentRequest, context: Context
@@ -246,7 +420,73 @@ class KnowledgeApi(kn_grpc.KnowledgeServiceServicer):
     async def ListChunks(
         self, request: kn.ListChunksRequest, context: Context
     ) -> kn.ListChunksResponse:
-        raise Unimplemented("ListChunks")
+        kb = await self._kbs.require(_require_kb_id(request.knowledge_base_id))
+        document_id = _require_document_id(request.document_id)
+        if request.page_size < 0:
+            raise InvalidArgument("INVALID_PAGE_SIZE", "page_size must not be negative")
+        size = min(request.page_size or DEFAULT_CHUNK_PAGE, MAX_CHUNK_PAGE)
+        start = _parse_chunk_token(document_id, request.page_token) if request.page_token else 0
+        if await self._documents.get(kb.id, document_id) is None:
+            raise _document_not_found(kb.id, document_id)
+        # One more than the page: its presence says whether there is a next page.
+        chunks = await self._require_index().list_chunks(kb.id, document_id, start, size + 1)
+        page = [c for c in chunks if c.chunk_index < start + size]
+        more = len(page) < len(chunks)
+        return kn.ListChunksResponse(
+            chunks=[
+                kn.Chunk(
+                    id=c.id,
+                    document_id=c.document_id,
+                    text=c.text,
+                    position=_position(c),
+                    token_count=c.token_count,
+                )
+                for c in page
+            ],
+            next_page_token=_chunk_token(document_id, start + size) if more else "",
+        )
 
     async def Search(self, request: kn.SearchRequest, context: Context) -> kn.SearchResponse:
-        raise Unimplemented("Search")
+        kb_id = _require_kb_id(request.knowledge_base_id)
+        if request.mode not in _SEARCH_MODES:
+            raise InvalidArgument("INVALID_MODE", f"unknown search mode {request.mode}")
+        given = request.filter
+        query = validate_search(
+            request.query,
+            _SEARCH_MODES[request.mode],
+            request.top_k,
+            request.score_threshold,
+            list(given.document_ids),
+            list(given.filenames),
+            list(given.content_types),
+            dict(given.metadata),
+        )
+        kb = await self._kbs.require(kb_id)
+        index = self._require_index()
+        vector: list[float] | None = None
+        if query.mode != "keyword":
+            vector = await self._embed_query(query.text, kb.embedding_dimensions)
+        hits = await index.search(kb.id, query.mode, query.text, vector, query.top_k, query.filters)
+        return kn.SearchResponse(
+            results=[_result(h) for h in hits if h.score >= query.score_threshold],
+            mode=_MODE_ENUM[query.mode],
+        )
+
+    async def _embed_query(self, text: str, dimensions: int) -> list[float]:
+        embedder = self._embedder
+        if embedder is None:
+            raise FailedPrecondition(
+                "INGESTION_NOT_AVAILABLE",
+                "this service has no embedding model: vector and hybrid search are "
+                "not available; keyword search is",
+            )
+        if dimensions and embedder.dimensions != dimensions:
+            raise FailedPrecondition(
+                "EMBEDDING_DIMENSION_MISMATCH",
+                f"the knowledge base holds {dimensions}-dimensional vectors; this "
+                f"service embeds queries with {embedder.model} ({embedder.dimensions})",
+                metadata={"expected": str(dimensions), "got": str(embedder.dimensions)},
+            )
+        # CPU-bound (the ONNX model): off the event loop.
+        vectors = await asyncio.to_thread(embedder.embed, [text])
+        return vectors[0]

@@ -1,13 +1,19 @@
-"""Composition root of the Knowledge Service: opens Redis and S3, builds the servicer,
-and runs a knowledge worker beside it (`worker.enabled`)."""
+"""Composition root of the Knowledge Service: opens Redis, S3 and the chunk index,
+builds the servicer, runs index maintenance, and runs a knowledge worker beside
+it (`worker.enabled`)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import importlib
+import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
 from redis.asyncio import Redis
 
 from kbmesh.knowledge.v1 import knowledge_pb2_grpc
@@ -15,11 +21,44 @@ from services.common.connections import open_redis, open_s3
 from services.common.host import ServiceHost
 from services.knowledge.adapters.redis_documents import RedisDocuments
 from services.knowledge.adapters.redis_kb_store import RedisKnowledgeBases
+from services.knowledge.adapters.s3_objects import S3Objects
+from services.knowledge.adapters.task_cancel import TaskCanceller
 from services.knowledge.api import KNOWLEDGE_SERVICE, KnowledgeApi
+from services.knowledge.domain.chunks import Embedder
+from services.knowledge.index.hash_embedder import HashEmbedder
+from services.knowledge.index.lance_index import LanceChunkIndex
+from services.knowledge.index.location import connect
+from services.knowledge.index.maintenance import run_maintenance
 from services.knowledge.settings import KnowledgeSettings
 from services.knowledge.worker.app import build_runtime
 
 ERROR_DOMAIN = "knowledge.kbmesh"
+# The ingestion pipeline's ONNX MiniLM: one model per process, shared by the
+# in-process worker and the searches (loaded on first use).
+LOCAL_EMBEDDER = "services.knowledge.ingest.embedding:shared_minilm"
+
+log = logging.getLogger(__name__)
+
+
+def build_query_embedder(settings: KnowledgeSettings) -> Embedder | None:
+    """The embedder for search queries, or None when it is not installed: then
+    vector and hybrid search answer FAILED_PRECONDITION and keyword search works."""
+    if settings.search.query_embedder == "hash":
+        log.warning("search.query_embedder=hash: a TEST-ONLY embedder answers vector searches")
+        return HashEmbedder()
+    module_name, _, attribute = LOCAL_EMBEDDER.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError):
+        log.warning("no local embedding model installed: vector and hybrid search are off")
+        return None
+    embedder: Embedder = factory(settings.embedding.local_batch_size)
+    return embedder
+
+
+async def open_index(settings: KnowledgeSettings) -> LanceChunkIndex:
+    db = await asyncio.to_thread(connect, settings.index, settings.s3)
+    return LanceChunkIndex(db, vector_index_min_rows=settings.index.vector_index_min_rows)
 
 
 @dataclass(frozen=True)
@@ -40,11 +79,36 @@ async def build_app(settings: KnowledgeSettings) -> AsyncIterator[KnowledgeApp]:
             "knowledge", settings.grpc, [KNOWLEDGE_SERVICE], error_domain=ERROR_DOMAIN
         )
         knowledge_bases = RedisKnowledgeBases(redis)
-        knowledge_pb2_grpc.add_KnowledgeServiceServicer_to_server(
-            KnowledgeApi(knowledge_bases, RedisDocuments(redis)), host.server
+        index = await open_index(settings)
+        channel = grpc.aio.insecure_channel(settings.task_manager.address)
+        stack.push_async_callback(channel.close, None)
+        embedder = await asyncio.to_thread(build_query_embedder, settings)
+        api = KnowledgeApi(
+            knowledge_bases,
+            RedisDocuments(redis),
+            index=index,
+            embedder=embedder,
+            objects=S3Objects(s3, settings.s3.bucket),
+            tasks=TaskCanceller(channel),
         )
+        knowledge_pb2_grpc.add_KnowledgeServiceServicer_to_server(api, host.server)
+        if settings.index.optimize_interval_seconds > 0:
+            maintenance = asyncio.create_task(
+                run_maintenance(
+                    index, settings.index.optimize_interval_seconds, knowledge_bases.exists
+                )
+            )
+
+            async def stop_maintenance() -> None:
+                maintenance.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await maintenance
+
+            stack.push_async_callback(stop_maintenance)
         if settings.worker.enabled:
-            worker = build_runtime(settings, redis, s3)
+            # The same index object: chunks the in-process worker writes are
+            # searchable here at once, not after the read-consistency interval.
+            worker = build_runtime(settings, redis, s3, index=index)
             worker.start()
             stack.push_async_callback(worker.close)
             # SIGTERM: the worker takes no new tasks, finishes or hands back the rest.

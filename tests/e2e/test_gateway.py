@@ -155,7 +155,7 @@ async def test_json_watch_stream(http: aiohttp.ClientSession) -> None:
             "KNOWLEDGE_BASE_NOT_FOUND",
         ),
         ("POST", "/api/v1/knowledge-bases/x/documents:upload?filename=..", 400, "INVALID_FILENAME"),
-        ("DELETE", "/api/v1/knowledge-bases/some-kb", 501, "NOT_IMPLEMENTED"),
+        ("DELETE", "/api/v1/knowledge-bases/some-kb", 404, "KNOWLEDGE_BASE_NOT_FOUND"),
     ],
 )
 async def test_errors_are_json_with_http_status_and_reason(

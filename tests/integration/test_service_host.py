@@ -70,8 +70,8 @@ async def test_unimplemented_rpc_has_error_info(stack: Stack) -> None:
 
     async with grpc.aio.insecure_channel(stack.ks_address) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await kn_grpc.KnowledgeServiceStub(channel).Search(
-                kn.SearchRequest(knowledge_base_id="x", query="q")
+            await kn_grpc.KnowledgeServiceStub(channel).ReindexDocument(
+                kn.ReindexDocumentRequest(knowledge_base_id="x", document_id="d")
             )
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert error_info(caught.value).reason == "NOT_IMPLEMENTED"

@@ -9,6 +9,7 @@ result), so a document is listed from the moment its upload is acknowledged.
 
 from __future__ import annotations
 
+import builtins
 import json
 from typing import Any
 
@@ -19,6 +20,19 @@ from services.common.redis_pages import newest_first, page_size
 from services.knowledge.domain.documents import Document, DocumentError, DocumentPage
 
 _TASK_FIELDS = ("state", "stage", "progress", "error", "result", "update_time_ms")
+# How long a DeleteDocument request_id is remembered.
+DELETE_REQUEST_TTL_SECONDS = 86_400
+
+# KEYS: document record, kb_documents, kb_content(kb, sha256), request key.
+# ARGV: document id, outcome, ttl. The content key is removed only while it
+# still names this document (a newer upload of the same bytes may hold it).
+_DELETE = """
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+if redis.call('GET', KEYS[3]) == ARGV[1] then redis.call('DEL', KEYS[3]) end
+if KEYS[4] ~= '' then redis.call('SET', KEYS[4], ARGV[2], 'EX', ARGV[3]) end
+return 1
+"""
 
 
 def _text(value: bytes | str | None) -> str:
@@ -62,6 +76,7 @@ def decode_document(document_id: str, record: dict[Any, Any], task: list[Any]) -
 class RedisDocuments:
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
+        self._delete = redis.register_script(_DELETE)
 
     async def _load(self, ids: list[str]) -> list[Document]:
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -100,3 +115,33 @@ class RedisDocuments:
         if state:
             documents = [d for d in documents if d.state == state]
         return DocumentPage(documents, token)
+
+    async def ids(self, knowledge_base_id: str) -> builtins.list[str]:
+        """Every document id of the knowledge base (for deleting it)."""
+        raw: Any = await self._redis.zrange(redis_keys.kb_documents(knowledge_base_id), 0, -1)
+        return [_text(r) for r in raw]
+
+    async def delete(self, document: Document, request_id: str = "", outcome: str = "") -> None:
+        """Removes the record, its kb_documents entry and its content-hash entry in
+        one step; with a request_id, remembers `outcome` for a retry."""
+        request_key = (
+            redis_keys.document_delete_request(document.id, request_id) if request_id else ""
+        )
+        await self._delete(
+            keys=[
+                redis_keys.document(document.id),
+                redis_keys.kb_documents(document.knowledge_base_id),
+                redis_keys.kb_content(document.knowledge_base_id, document.sha256),
+                request_key,
+            ],
+            args=[document.id, outcome, DELETE_REQUEST_TTL_SECONDS],
+        )
+
+    async def deleted_by_request(self, document_id: str, request_id: str) -> str | None:
+        """The outcome a successful DeleteDocument with this request_id stored."""
+        if not request_id:
+            return None
+        value: Any = await self._redis.get(
+            redis_keys.document_delete_request(document_id, request_id)
+        )
+        return None if value is None else _text(value)

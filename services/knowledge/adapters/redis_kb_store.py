@@ -11,6 +11,7 @@ creates of one name cannot both succeed.
 from __future__ import annotations
 
 import base64
+import builtins
 import json
 from dataclasses import asdict
 from typing import Any
@@ -49,6 +50,16 @@ if KEYS[2] ~= KEYS[3] then
 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 return 'ok'
+"""
+
+
+# KEYS: record, name key, index. ARGV: id. The name key goes only while it
+# still names this knowledge base.
+_DELETE = """
+redis.call('DEL', KEYS[1])
+if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+redis.call('ZREM', KEYS[3], ARGV[1])
+return 1
 """
 
 
@@ -107,6 +118,7 @@ class RedisKnowledgeBases:
         self._ttl = request_id_ttl_seconds
         self._create = redis.register_script(_CREATE)
         self._update = redis.register_script(_UPDATE)
+        self._delete = redis.register_script(_DELETE)
 
     async def create(self, kb: KnowledgeBase, request_id: str) -> tuple[KnowledgeBase, bool]:
         """Stores a new knowledge base; (kb, created). A replayed request_id
@@ -135,6 +147,9 @@ class RedisKnowledgeBases:
     async def get(self, kb_id: str) -> KnowledgeBase | None:
         fields: Any = await self._redis.hgetall(keys.knowledge_base(kb_id))
         return decode(fields) if fields else None
+
+    async def exists(self, kb_id: str) -> bool:
+        return bool(await self._redis.exists(keys.knowledge_base(kb_id)))
 
     async def require(self, kb_id: str) -> KnowledgeBase:
         kb = await self.get(kb_id)
@@ -180,3 +195,37 @@ class RedisKnowledgeBases:
                 "KNOWLEDGE_BASE_EXISTS", f"a knowledge base named {new.name!r} already exists"
             )
         return new
+
+    async def delete(self, kb: KnowledgeBase) -> None:
+        """Removes the record, its name and its listing entry in one step. The
+        Task Manager's upload script checks the record, so uploads to the
+        knowledge base get NOT_FOUND from here on."""
+        await self._delete(
+            keys=[
+                keys.knowledge_base(kb.id),
+                keys.knowledge_base_name(kb.name),
+                keys.KNOWLEDGE_BASES,
+            ],
+            args=[kb.id],
+        )
+
+    async def active_task_ids(self, kb_id: str) -> builtins.list[str]:
+        """Ids of the knowledge base's PENDING and RUNNING tasks."""
+        found: builtins.list[str] = []
+        for state in ("PENDING", "RUNNING"):
+            raw: Any = await self._redis.zrange(keys.kb_tasks_in_state(kb_id, state), 0, -1)
+            found += [r.decode() if isinstance(r, bytes) else str(r) for r in raw]
+        return found
+
+    async def remember_deletion(self, kb_id: str, request_id: str, outcome: str) -> None:
+        if request_id:
+            await self._redis.set(keys.kb_delete_request(kb_id, request_id), outcome, ex=self._ttl)
+
+    async def deleted_by_request(self, kb_id: str, request_id: str) -> str | None:
+        if not request_id:
+            return None
+        value: Any = await self._redis.get(keys.kb_delete_request(kb_id, request_id))
+        return None if value is None else value.decode()
+
+    async def forget_documents(self, kb_id: str) -> None:
+        await self._redis.delete(keys.kb_documents(kb_id))

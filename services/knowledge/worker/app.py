@@ -36,13 +36,22 @@ def load_handler_factory(spec: str) -> HandlerFactory:
     return cast(HandlerFactory, factory)
 
 
-def build_runtime(settings: KnowledgeSettings, redis: Redis | None, s3: Any) -> WorkerRuntime:
+def build_runtime(
+    settings: KnowledgeSettings, redis: Redis | None, s3: Any, index: Any = None
+) -> WorkerRuntime:
+    """`index`: the service's ChunkIndex, shared with its searches; without one, the
+    ingestion handler opens its own (services.knowledge.ingest.pipeline)."""
     worker = settings.worker
     worker_id = worker.id or default_worker_id()
     factory = load_handler_factory(worker.handler)
     handler = factory(
         WorkerResources(
-            worker_id=worker_id, options=dict(worker.handler_options), redis=redis, s3=s3
+            worker_id=worker_id,
+            options=dict(worker.handler_options),
+            redis=redis,
+            s3=s3,
+            index=index,
+            settings=settings,
         )
     )
     token = worker.token.get_secret_value()

@@ -127,13 +127,17 @@ class TaskHandler(Protocol):
 
 @dataclass(frozen=True)
 class WorkerResources:
-    """What a handler factory may use: the worker's id, its options, and the
-    connections the service opened (Redis; S3 as an aiobotocore client)."""
+    """What a handler factory may use: the worker's id, its options, the
+    connections the service opened (Redis; S3 as an aiobotocore client; the chunk
+    index, a domain.chunks.ChunkIndex) and the service's settings
+    (a KnowledgeSettings)."""
 
     worker_id: str
     options: Mapping[str, str]
     redis: Redis | None = None
     s3: Any = None
+    index: Any = None
+    settings: Any = None
 
 
 HandlerFactory = Callable[[WorkerResources], TaskHandler]

@@ -1,0 +1,7 @@
+"""The ingestion pipeline: S3 object → sniff → parse → chunk → embed → index.
+
+Modules: `sniff` (type from content), `zipguard` (OOXML bomb check), `parsers`
+(one per format, to `Section`s), `chunking` (llama-index node parsers),
+`embedding` (local ONNX MiniLM) and `openai_embedding` (remote), `pipeline`
+(the worker's `IngestHandler`), `errors` (why a document is refused).
+"""
