@@ -11,13 +11,13 @@ import grpc
 import pytest
 from aiohttp import web
 
-from devstack.servers import find_free_port
+from devstack.servers import SeaweedServer, find_free_port
 from kbmesh.knowledge.v1 import knowledge_pb2 as kn
 from kbmesh.knowledge.v1 import knowledge_pb2_grpc as kn_grpc
 from kbmesh.taskmanager.v1 import task_manager_pb2 as tm
 from kbmesh.taskmanager.v1 import task_manager_pb2_grpc as tm_grpc
 from services.task_manager.domain.callbacks import SIGNATURE_HEADER, verify
-from tests.conftest import ServiceFactory, Stack
+from tests.conftest import RedisFactory, ServiceFactory
 from tests.support import error_info, upload_messages
 
 pytestmark = pytest.mark.integration
@@ -53,12 +53,18 @@ async def receiver() -> AsyncIterator[Receiver]:
 
 
 async def test_terminal_task_is_posted_signed_retried_and_recorded(
-    stack: Stack, start_service: ServiceFactory, receiver: Receiver
+    s3_server: SeaweedServer,
+    start_redis: RedisFactory,
+    start_service: ServiceFactory,
+    receiver: Receiver,
 ) -> None:
+    # A Redis of its own: every Task Manager on a Redis sends callbacks, and all
+    # replicas of one deployment share one allow-list, unlike the other tests' ones.
+    redis = start_redis()
     task_manager = start_service(
         "task_manager",
-        redis_url=stack.redis_url,
-        s3=stack.s3,
+        redis_url=redis.url,
+        s3=s3_server.s3,
         name="tm-callbacks",
         env={
             "KBMESH_TASK_MANAGER_UPLOADS__CALLBACK_ALLOW_LIST": json.dumps([receiver.url]),
@@ -67,8 +73,15 @@ async def test_terminal_task_is_posted_signed_retried_and_recorded(
             "KBMESH_TASK_MANAGER_CALLBACKS__POLL_INTERVAL_SECONDS": "0.1",
         },
     )
+    knowledge = start_service(
+        "knowledge",
+        redis_url=redis.url,
+        s3=s3_server.s3,
+        name="ks-callbacks",
+        task_manager_address=task_manager.address,
+    )
     async with (
-        grpc.aio.insecure_channel(stack.ks_address) as ks_channel,
+        grpc.aio.insecure_channel(knowledge.address) as ks_channel,
         grpc.aio.insecure_channel(task_manager.address) as tm_channel,
     ):
         kb = await kn_grpc.KnowledgeServiceStub(ks_channel).CreateKnowledgeBase(
