@@ -14,12 +14,12 @@ from dataclasses import replace
 from typing import Any
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from kbmesh.knowledge.v1 import knowledge_pb2 as kn
 from kbmesh.knowledge.v1 import knowledge_pb2_grpc as kn_grpc
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unimplemented
 from services.common.ids import is_id, new_id
+from services.common.protos import enum_name, enum_value, timestamp
 from services.knowledge.adapters.redis_documents import RedisDocuments
 from services.knowledge.adapters.redis_kb_store import RedisKnowledgeBases
 from services.knowledge.adapters.s3_objects import S3Objects
@@ -44,15 +44,8 @@ Context = grpc.aio.ServicerContext[Any, Any]
 KNOWLEDGE_SERVICE = kn.DESCRIPTOR.services_by_name["KnowledgeService"].full_name
 
 
-def _timestamp(ms: int) -> Timestamp:
-    ts = Timestamp()
-    ts.FromMilliseconds(ms)
-    return ts
-
-
 def _strategy(config: kn.ChunkingConfig) -> str:
-    name = kn.ChunkingConfig.Strategy.Name(config.strategy).removeprefix("STRATEGY_")
-    return "" if name == "UNSPECIFIED" else name
+    return enum_name(kn.ChunkingConfig.Strategy, config.strategy, "STRATEGY_")
 
 
 def kb_to_proto(kb: KnowledgeBase, document_count: int = 0) -> kn.KnowledgeBase:
@@ -61,7 +54,7 @@ def kb_to_proto(kb: KnowledgeBase, document_count: int = 0) -> kn.KnowledgeBase:
         name=kb.name,
         description=kb.description,
         chunking=kn.ChunkingConfig(
-            strategy=kn.ChunkingConfig.Strategy.Value(f"STRATEGY_{kb.chunking.strategy}"),
+            strategy=enum_value(kn.ChunkingConfig.Strategy, kb.chunking.strategy, "STRATEGY_"),
             chunk_size=kb.chunking.chunk_size,
             chunk_overlap=kb.chunking.chunk_overlap,
         ),
@@ -72,8 +65,8 @@ def kb_to_proto(kb: KnowledgeBase, document_count: int = 0) -> kn.KnowledgeBase:
         ),
         labels=kb.labels,
         document_count=document_count,
-        create_time=_timestamp(kb.create_time_ms),
-        update_time=_timestamp(kb.update_time_ms),
+        create_time=timestamp(kb.create_time_ms),
+        update_time=timestamp(kb.update_time_ms),
     )
 
 
@@ -93,15 +86,15 @@ def document_to_proto(document: Document) -> kn.Document:
         content_type=document.content_type,
         size_bytes=document.size_bytes,
         sha256=document.sha256,
-        state=kn.Document.State.Value(f"STATE_{document.state}"),
-        stage=kn.Stage.Value(f"STAGE_{document.stage or 'UNSPECIFIED'}"),
+        state=enum_value(kn.Document.State, document.state, "STATE_"),
+        stage=enum_value(kn.Stage, document.stage, "STAGE_"),
         progress=document.progress,
         task_id=document.task_id,
         chunk_count=document.chunk_count,
         page_count=document.page_count,
         metadata=document.metadata,
-        create_time=_timestamp(document.create_time_ms),
-        update_time=_timestamp(document.update_time_ms),
+        create_time=timestamp(document.create_time_ms),
+        update_time=timestamp(document.update_time_ms),
     )
     if document.error is not None:
         message.error.CopyFrom(
@@ -361,10 +354,8 @@ class KnowledgeApi(kn_grpc.KnowledgeServiceServicer):
         kb = await self._kbs.require(_require_kb_id(request.knowledge_base_id))
         if request.page_size < 0:
             raise InvalidArgument("INVALID_PAGE_SIZE", "page_size must not be negative")
-        state = kn.Document.State.Name(request.state).removeprefix("STATE_")
-        page = await self._documents.list(
-            kb.id, "" if state == "UNSPECIFIED" else state, request.page_size, request.page_token
-        )
+        state = enum_name(kn.Document.State, request.state, "STATE_")
+        page = await self._documents.list(kb.id, state, request.page_size, request.page_token)
         return kn.ListDocumentsResponse(
             documents=[document_to_proto(d) for d in page.documents],
             next_page_token=page.next_page_token,

@@ -21,6 +21,7 @@ from kbmesh.taskmanager.v1 import task_manager_pb2_grpc as tm_grpc
 from kbmesh.taskmanager.v1 import worker_pb2 as wk
 from kbmesh.taskmanager.v1 import worker_pb2_grpc as wk_grpc
 from services.common.errors import Code, InvalidArgument, KbmeshError, NotFound
+from services.common.protos import timestamp
 from services.task_manager.convert import (
     assignment_to_proto,
     duration,
@@ -32,7 +33,6 @@ from services.task_manager.convert import (
     task_error_from_proto,
     task_result_from_proto,
     task_to_proto,
-    timestamp,
 )
 from services.task_manager.dispatch import (
     Assign,

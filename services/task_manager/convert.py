@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from google.protobuf.duration_pb2 import Duration
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from kbmesh.knowledge.v1 import knowledge_pb2 as kn
 from kbmesh.taskmanager.v1 import task_manager_pb2 as tm
 from kbmesh.taskmanager.v1 import worker_pb2 as wk
+from services.common.protos import enum_name, enum_value, timestamp
 from services.task_manager.domain.model import (
     Chunking,
     EventType,
@@ -21,27 +21,17 @@ from services.task_manager.domain.model import (
 from services.task_manager.domain.upload import UploadHeader
 
 
-def timestamp(ms: int) -> Timestamp | None:
-    if not ms:
-        return None
-    ts = Timestamp()
-    ts.FromMilliseconds(ms)
-    return ts
-
-
 def chunking_from_proto(config: kn.ChunkingConfig) -> Chunking:
-    strategy = kn.ChunkingConfig.Strategy.Name(config.strategy).removeprefix("STRATEGY_")
     return Chunking(
-        strategy="" if strategy == "UNSPECIFIED" else strategy,
+        strategy=enum_name(kn.ChunkingConfig.Strategy, config.strategy, "STRATEGY_"),
         chunk_size=config.chunk_size,
         chunk_overlap=config.chunk_overlap,
     )
 
 
 def chunking_to_proto(chunking: Chunking) -> kn.ChunkingConfig:
-    name = f"STRATEGY_{chunking.strategy or 'UNSPECIFIED'}"
     return kn.ChunkingConfig(
-        strategy=kn.ChunkingConfig.Strategy.Value(name),
+        strategy=enum_value(kn.ChunkingConfig.Strategy, chunking.strategy, "STRATEGY_"),
         chunk_size=chunking.chunk_size,
         chunk_overlap=chunking.chunk_overlap,
     )
@@ -52,9 +42,8 @@ def state_to_proto(state: TaskState) -> tm.Task.State.ValueType:
 
 
 def state_from_proto(state: tm.Task.State.ValueType) -> TaskState | None:
-    if state == tm.Task.STATE_UNSPECIFIED:
-        return None
-    return TaskState(tm.Task.State.Name(state).removeprefix("STATE_"))
+    name = enum_name(tm.Task.State, state, "STATE_")
+    return TaskState(name) if name else None
 
 
 def stage_to_proto(stage: Stage) -> kn.Stage.ValueType:
@@ -62,8 +51,7 @@ def stage_to_proto(stage: Stage) -> kn.Stage.ValueType:
 
 
 def stage_from_proto(stage: kn.Stage.ValueType) -> Stage:
-    name = kn.Stage.Name(stage).removeprefix("STAGE_")
-    return Stage.NONE if name == "UNSPECIFIED" else Stage(name)
+    return Stage(enum_name(kn.Stage, stage, "STAGE_"))
 
 
 def task_to_proto(task: Task) -> tm.Task:
