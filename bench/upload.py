@@ -97,6 +97,12 @@ class Stack:
     envoy_url: str
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def server_ack_ms(log: Path, last: int) -> list[float]:
     """`ack_ms` of the last `last` acknowledged uploads in the Task Manager's log:
     last byte received -> object and task durable, measured by the service."""
@@ -303,10 +309,12 @@ async def main() -> None:
         via_envoy = await through_envoy(stack, kb, size)
         phases = {}
         for rate in (args.client_rate_kib * 1024, 0):
+            cpu_before = cpu_seconds(stack.tm_pid)
             acks = await ack_latencies(
                 stack, kb, args.concurrent, args.rounds, args.max_kb * 1024, rate
             )
-            phases[rate] = (acks, server_ack_ms(stack.tm_log, len(acks)))
+            cpu_ms = (cpu_seconds(stack.tm_pid) - cpu_before) * 1000 / len(acks)
+            phases[rate] = (acks, server_ack_ms(stack.tm_log, len(acks)), cpu_ms)
     mb = size / MIB
     print(f"upload of {mb:.0f} MiB (same machine, same SeaweedFS):")
     print(f"  direct aioboto3 multipart  {mb / direct:8.1f} MiB/s   (baseline)")
@@ -319,7 +327,7 @@ async def main() -> None:
         f"ratio {direct / via_envoy:.2f} (target >= 0.80)"
     )
     print(f"  Task Manager RSS growth    {rss_growth / MIB:8.1f} MiB      (target < 64 MiB)")
-    for rate, (acks, served) in phases.items():
+    for rate, (acks, served, cpu_ms) in phases.items():
         pace = f"each sending {rate // 1024} KiB/s" if rate else "each sending flat out"
         print(
             f"ack latency, {args.concurrent} uploads in flight, {pace} "
@@ -334,6 +342,9 @@ async def main() -> None:
             f"  client (last byte handed to gRPC -> answer):  p50 "
             f"{statistics.median(acks) * 1000:.1f} ms, p99 {percentile(acks, 99) * 1000:.1f} ms"
         )
+        # Less sensitive to other load on the machine than the latencies: what
+        # one upload costs the Task Manager, which bounds uploads/s per core.
+        print(f"  Task Manager CPU per upload: {cpu_ms:.2f} ms")
 
 
 if __name__ == "__main__":

@@ -835,8 +835,9 @@ def start_seaweedfs(
     """``weed server`` (master, volume, filer, S3) on `ports`, data in `data_dir`.
 
     Ready once S3 answers, the bucket exists and a probe object can be
-    written, read and deleted. S3 auth is off (no identities configured):
-    any key pair is accepted; the dummy keys are what clients are given.
+    written, read and deleted. S3 requests must be signed with the given key
+    pair (one identity in `config_dir`/s3.json): a wrong key is refused, as on
+    any real S3.
     `config_dir` receives weed's master.toml (and is weed's working directory,
     so no stray *.toml from elsewhere is picked up).
     """
@@ -846,6 +847,9 @@ def start_seaweedfs(
     data_dir.mkdir(parents=True, exist_ok=True)
     config_dir.mkdir(parents=True, exist_ok=True)
     (config_dir / "master.toml").write_text(_WEED_MASTER_TOML)
+    s3_config = config_dir / "s3.json"
+    s3_config.write_text(_weed_s3_identities(access_key_id, secret_access_key))
+    s3_config.chmod(0o600)
     argv: list[str | os.PathLike[str]] = [
         weed_binary(),
         "-logtostderr",  # else glog writes files into /tmp
@@ -872,7 +876,8 @@ def start_seaweedfs(
         f"-s3.port.grpc={ports.s3_grpc}",
         "-s3.port.iceberg=0",  # Iceberg and Lance side ports: off
         "-s3.port.lance=0",
-        "-s3.iam=false",  # no embedded IAM API: no identities, auth stays off
+        f"-s3.config={s3_config}",
+        "-s3.iam=false",  # no embedded IAM API: identities come from s3.json only
     ]
     s3 = S3Settings(
         endpoint_url=f"http://{host}:{ports.s3}",
@@ -894,6 +899,16 @@ def start_seaweedfs(
         cleanup_paths=weed_socket_paths(ports),
     )
     return SeaweedServer(process=proc, host=host, ports=ports, data_dir=data_dir, s3=s3)
+
+
+def _weed_s3_identities(access_key_id: str, secret_access_key: str) -> str:
+    """SeaweedFS's S3 identity file: one identity allowed everything."""
+    identity = {
+        "name": "kbmesh",
+        "credentials": [{"accessKey": access_key_id, "secretKey": secret_access_key}],
+        "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+    }
+    return json.dumps({"identities": [identity]})
 
 
 # --------------------------------------------------------------------------- Envoy

@@ -18,6 +18,7 @@ from services.common.host import ServiceHost
 from services.task_manager.adapters.redis_callbacks import RedisCallbackOutbox
 from services.task_manager.adapters.redis_dispatch import RedisDispatchQueue
 from services.task_manager.adapters.redis_store import RedisTaskStore
+from services.task_manager.adapters.s3_put import open_signed_put
 from services.task_manager.adapters.s3_storage import S3ObjectStore
 from services.task_manager.api import (
     TASK_MANAGER_SERVICE,
@@ -82,6 +83,7 @@ async def build_app(settings: TaskManagerSettings) -> AsyncIterator[TaskManagerA
     async with AsyncExitStack() as stack:
         redis = await stack.enter_async_context(open_redis(settings.redis))
         s3 = await stack.enter_async_context(open_s3(settings.s3))
+        signed_put = await stack.enter_async_context(open_signed_put(settings.s3))
         host = ServiceHost(
             "task-manager",
             settings.grpc,
@@ -97,6 +99,7 @@ async def build_app(settings: TaskManagerSettings) -> AsyncIterator[TaskManagerA
             settings.s3.bucket,
             part_size=limits.part_bytes,
             parts_in_flight=limits.parts_in_flight,
+            put=signed_put.put,
         )
         uploads = Uploads(
             tasks,

@@ -17,6 +17,7 @@ from devstack.servers import find_free_port
 from services.common.connections import open_s3
 from services.common.errors import Unavailable
 from services.common.settings import S3Settings
+from services.task_manager.adapters.s3_put import SignedPut, open_signed_put
 from services.task_manager.adapters.s3_storage import S3ObjectStore
 from tests.conftest import BucketFactory
 
@@ -25,17 +26,25 @@ MIB = 1024 * 1024
 
 
 @pytest.fixture
-async def store(new_bucket: BucketFactory) -> AsyncIterator[tuple[S3ObjectStore, Any]]:
+def s3_settings(new_bucket: BucketFactory) -> S3Settings:
     bucket = new_bucket()
-    settings = S3Settings(
+    return S3Settings(
         endpoint_url=bucket.endpoint_url,
         bucket=bucket.bucket,
         access_key_id=SecretStr(bucket.access_key_id),
         secret_access_key=SecretStr(bucket.secret_access_key),
         region=bucket.region,
     )
-    async with open_s3(settings) as client:
-        yield S3ObjectStore(client, bucket.bucket, part_size=5 * MIB, parts_in_flight=2), client
+
+
+@pytest.fixture
+async def store(s3_settings: S3Settings) -> AsyncIterator[tuple[S3ObjectStore, Any]]:
+    """The store as the Task Manager builds it: small objects by a signed PUT."""
+    async with open_s3(s3_settings) as client, open_signed_put(s3_settings) as signed:
+        objects = S3ObjectStore(
+            client, s3_settings.bucket, part_size=5 * MIB, parts_in_flight=2, put=signed.put
+        )
+        yield objects, client
 
 
 async def read(client: Any, bucket: str, key: str) -> bytes:
@@ -55,8 +64,43 @@ async def test_small_object_is_one_put(store: tuple[S3ObjectStore, Any]) -> None
     writer = await objects.open_writer("kb/k/objects/small", "text/plain")
     await writer.write(b"hello ")
     await writer.write(b"world")
-    await writer.complete()
+    await writer.complete(hashlib.sha256(b"hello world").hexdigest())
     assert await read(client, objects.bucket, "kb/k/objects/small") == b"hello world"
+    head = await client.head_object(Bucket=objects.bucket, Key="kb/k/objects/small")
+    assert head["ContentType"] == "text/plain"
+    assert await incomplete(client, objects.bucket) == []
+
+
+async def test_signed_put_keys_need_no_escaping_by_callers(
+    store: tuple[S3ObjectStore, Any],
+) -> None:
+    objects, client = store
+    key = "kb/k/objects/a name+with$odd~chars é"
+    writer = await objects.open_writer(key, "text/markdown; charset=utf-8")
+    await writer.write(b"# odd")
+    await writer.complete(hashlib.sha256(b"# odd").hexdigest())
+    assert await read(client, objects.bucket, key) == b"# odd"
+
+
+async def test_s3_refuses_a_body_that_does_not_match_its_signed_sha256(
+    store: tuple[S3ObjectStore, Any],
+) -> None:
+    objects, client = store
+    writer = await objects.open_writer("kb/k/objects/corrupt", "text/plain")
+    await writer.write(b"the bytes that arrived")
+    with pytest.raises(Unavailable) as caught:
+        await writer.complete(hashlib.sha256(b"other bytes").hexdigest())
+    assert caught.value.reason == "STORAGE_UNAVAILABLE"
+    listed = await client.list_objects_v2(Bucket=objects.bucket)
+    assert listed.get("Contents", []) == []
+
+
+async def test_signed_put_with_wrong_credentials_is_unavailable(s3_settings: S3Settings) -> None:
+    wrong = s3_settings.model_copy(update={"secret_access_key": SecretStr("not-the-secret")})
+    async with open_signed_put(wrong) as signed:
+        with pytest.raises(Unavailable) as caught:
+            await signed.put("k", b"x", "text/plain", hashlib.sha256(b"x").hexdigest())
+    assert caught.value.reason == "STORAGE_UNAVAILABLE"
 
 
 async def test_large_object_streams_in_parts(store: tuple[S3ObjectStore, Any]) -> None:
@@ -65,7 +109,7 @@ async def test_large_object_streams_in_parts(store: tuple[S3ObjectStore, Any]) -
     writer = await objects.open_writer("kb/k/objects/large", "application/pdf")
     for i in range(0, len(data), 700_001):  # chunks that do not align with parts
         await writer.write(data[i : i + 700_001])
-    await writer.complete()
+    await writer.complete(hashlib.sha256(data).hexdigest())
     stored = await read(client, objects.bucket, "kb/k/objects/large")
     assert hashlib.sha256(stored).digest() == hashlib.sha256(data).digest()
     assert await incomplete(client, objects.bucket) == []
@@ -107,5 +151,14 @@ async def test_storage_failure_is_unavailable() -> None:
         writer = await objects.open_writer("k", "text/plain")
         await writer.write(b"x")
         with pytest.raises(Unavailable) as caught:
-            await writer.complete()
+            await writer.complete(hashlib.sha256(b"x").hexdigest())
         assert caught.value.reason == "STORAGE_UNAVAILABLE"
+
+
+async def test_signed_put_to_a_stopped_s3_is_unavailable() -> None:
+    settings = S3Settings(endpoint_url=f"http://127.0.0.1:{find_free_port()}", bucket="nowhere")
+    async with open_signed_put(settings) as signed:
+        assert isinstance(signed, SignedPut)
+        with pytest.raises(Unavailable) as caught:
+            await signed.put("k", b"x", "text/plain", hashlib.sha256(b"x").hexdigest())
+    assert caught.value.reason == "STORAGE_UNAVAILABLE"

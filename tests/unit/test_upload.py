@@ -24,7 +24,7 @@ class MemoryWriter:
     async def write(self, data: bytes) -> None:
         self.data += data
 
-    async def complete(self) -> None:
+    async def complete(self, sha256: str) -> None:
         self.store.objects[self.key] = bytes(self.data)
 
     async def abort(self) -> None:

@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 MIN_PART_SIZE = 5 * 1024 * 1024  # S3's minimum for every part but the last
 T = TypeVar("T")
+# Stores a whole object in one request: (key, body, content type, body's sha256 hex).
+PutObject = Callable[[str, bytes, str, str], Awaitable[None]]
 
 
 def storage_unavailable(exc: BaseException) -> Unavailable:
@@ -43,9 +45,17 @@ async def _s3_call(call: Callable[[], Awaitable[T]]) -> T:
 
 class S3ObjectWriter:
     def __init__(
-        self, client: Any, bucket: str, key: str, content_type: str, part_size: int, in_flight: int
+        self,
+        client: Any,
+        bucket: str,
+        key: str,
+        content_type: str,
+        part_size: int,
+        in_flight: int,
+        put: PutObject | None,
     ) -> None:
         self._client = client
+        self._put = put
         self._bucket = bucket
         self._key = key
         self._content_type = content_type
@@ -103,8 +113,12 @@ class S3ObjectWriter:
         )
         return {"PartNumber": number, "ETag": answer["ETag"]}
 
-    async def complete(self) -> None:
-        if self._upload_id is None:
+    async def complete(self, sha256: str) -> None:
+        """Makes the object visible. `sha256` is the hex digest of all the
+        bytes written; a single-request PUT sends it for S3 to verify."""
+        if self._upload_id is None and self._put is not None:
+            await self._put(self._key, self._take(self._buffered), self._content_type, sha256)
+        elif self._upload_id is None:
             body = self._take(self._buffered)
             await _s3_call(
                 lambda: self._client.put_object(
@@ -163,13 +177,17 @@ class S3ObjectStore:
         *,
         part_size: int = 8 * 1024 * 1024,
         parts_in_flight: int = 2,
+        put: PutObject | None = None,
     ) -> None:
+        """`put` stores objects smaller than one part in one request (see
+        s3_put.SignedPut); without it they go through the botocore client."""
         if part_size < MIN_PART_SIZE:
             raise ValueError(f"part_size must be at least {MIN_PART_SIZE} bytes")
         self._client = client
         self._bucket = bucket
         self._part_size = part_size
         self._parts_in_flight = max(1, parts_in_flight)
+        self._put = put
 
     @property
     def bucket(self) -> str:
@@ -177,7 +195,13 @@ class S3ObjectStore:
 
     async def open_writer(self, key: str, content_type: str) -> S3ObjectWriter:
         return S3ObjectWriter(
-            self._client, self._bucket, key, content_type, self._part_size, self._parts_in_flight
+            self._client,
+            self._bucket,
+            key,
+            content_type,
+            self._part_size,
+            self._parts_in_flight,
+            self._put,
         )
 
     async def delete(self, key: str) -> None:

@@ -19,8 +19,9 @@ class ObjectWriter(Protocol):
     async def write(self, data: bytes) -> None:
         """Appends bytes; may wait while earlier parts upload (backpressure)."""
 
-    async def complete(self) -> None:
-        """Makes the object durable and visible under its key."""
+    async def complete(self, sha256: str) -> None:
+        """Makes the object durable and visible under its key. `sha256` is the
+        hex digest of everything written (the store may have it verified)."""
 
     async def abort(self) -> None:
         """Discards everything written; safe to call more than once."""

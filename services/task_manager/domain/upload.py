@@ -310,7 +310,7 @@ class Uploads:
                     "the received bytes do not match the declared sha256",
                     metadata={"declared_sha256": header.sha256, "received_sha256": sha256},
                 )
-            await writer.complete()
+            await writer.complete(sha256)
         except BaseException:
             # Client gone, limit crossed, storage failed: nothing may remain.
             await asyncio.shield(writer.abort())

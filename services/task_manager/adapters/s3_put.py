@@ -1,0 +1,190 @@
+"""Single-request object PUTs, signed here (AWS Signature Version 4) and sent
+with aiohttp.
+
+Most documents are smaller than one multipart part and are stored with one
+PUT, right after their last byte: that PUT is on the acknowledgement's
+critical path. botocore spends about 2.3 ms of CPU on each request (endpoint
+resolution, event hooks, checksums, response parsing); this path spends about
+0.3 ms (1,000 PUTs of 64 KiB to SeaweedFS, measured in one process: 2.34 vs
+0.34 ms of CPU per request, 3.2 vs 0.9 s wall). With a hundred uploads in
+flight on a busy core, that difference is the acknowledgement latency.
+
+The request is the simplest S3 has: a path-style PUT whose payload sha256 is
+signed and sent as the object's checksum (`x-amz-checksum-sha256`). The Task
+Manager computes that digest while streaming anyway, and S3 verifies the
+checksum against the bytes it received (BadDigest otherwise; SeaweedFS and
+AWS both do), so integrity is checked end to end at no extra cost.
+Multipart uploads (large files) stay on botocore: their per-request cost is
+negligible next to an 8 MiB part.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import logging
+import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from urllib.parse import quote
+
+import aiohttp
+from yarl import URL
+
+from services.common.settings import S3Settings
+from services.task_manager.adapters.s3_storage import storage_unavailable
+
+log = logging.getLogger(__name__)
+
+_ALGORITHM = "AWS4-HMAC-SHA256"
+# Attempts for connection failures and 5xx answers (a PUT is idempotent).
+_ATTEMPTS = 3
+_BACKOFF_SECONDS = 0.05
+# What S3 answers when a retry may succeed (throttling, server trouble).
+_RETRYABLE = frozenset({429, 500, 502, 503, 504})
+
+
+class S3RequestFailed(Exception):
+    """S3 answered a PUT with an error status."""
+
+    def __init__(self, status: int, body: str) -> None:
+        super().__init__(f"S3 answered {status}: {body[:300]}")
+        self.status = status
+
+
+def _hmac(key: bytes, message: str) -> bytes:
+    return hmac.new(key, message.encode(), hashlib.sha256).digest()
+
+
+class SigV4Signer:
+    """Signs S3 requests with static credentials (Signature Version 4).
+
+    The signing key depends only on the date, so it is derived once a day
+    rather than four HMACs per request."""
+
+    def __init__(self, access_key_id: str, secret_access_key: str, region: str) -> None:
+        self._access_key_id = access_key_id
+        self._secret = secret_access_key
+        self._region = region
+        self._key_date = ""
+        self._key = b""
+
+    def _signing_key(self, date: str) -> bytes:
+        if date != self._key_date:
+            key = _hmac(f"AWS4{self._secret}".encode(), date)
+            for part in (self._region, "s3", "aws4_request"):
+                key = _hmac(key, part)
+            self._key_date, self._key = date, key
+        return self._key
+
+    def headers(
+        self,
+        method: str,
+        host: str,
+        path: str,
+        payload_sha256: str,
+        extra: dict[str, str],
+        now: datetime | None = None,
+    ) -> dict[str, str]:
+        """The request's headers, `Authorization` included. `extra` header
+        names must be lower-case; they are signed too."""
+        moment = now or datetime.now(UTC)
+        amz_date = moment.strftime("%Y%m%dT%H%M%SZ")
+        date = amz_date[:8]
+        signed = {
+            "host": host,
+            "x-amz-content-sha256": payload_sha256,
+            "x-amz-date": amz_date,
+            **extra,
+        }
+        names = sorted(signed)
+        signed_names = ";".join(names)
+        canonical = "\n".join(
+            (
+                method,
+                quote(path, safe="/~"),
+                "",  # no query string
+                "".join(f"{name}:{signed[name].strip()}\n" for name in names),
+                signed_names,
+                payload_sha256,
+            )
+        )
+        scope = f"{date}/{self._region}/s3/aws4_request"
+        to_sign = "\n".join(
+            (_ALGORITHM, amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest())
+        )
+        signature = hmac.new(self._signing_key(date), to_sign.encode(), hashlib.sha256).hexdigest()
+        signed["authorization"] = (
+            f"{_ALGORITHM} Credential={self._access_key_id}/{scope}, "
+            f"SignedHeaders={signed_names}, Signature={signature}"
+        )
+        return signed
+
+
+class SignedPut:
+    """PUTs whole objects into one bucket (path-style addressing)."""
+
+    def __init__(self, session: aiohttp.ClientSession, settings: S3Settings) -> None:
+        self._session = session
+        self._base = URL(settings.endpoint_url)
+        if self._base.host is None:
+            raise ValueError(f"S3 endpoint URL has no host: {settings.endpoint_url!r}")
+        self._host = (
+            self._base.host
+            if self._base.is_default_port()
+            else f"{self._base.host}:{self._base.port}"
+        )
+        self._prefix = self._base.path.rstrip("/")
+        self._bucket = settings.bucket
+        self._signer = SigV4Signer(
+            settings.access_key_id.get_secret_value(),
+            settings.secret_access_key.get_secret_value(),
+            settings.region,
+        )
+
+    async def put(self, key: str, body: bytes, content_type: str, sha256: str) -> None:
+        """Stores `body` under `key`; `sha256` is its hex digest, which S3
+        checks. Unavailable (STORAGE_UNAVAILABLE) when S3 cannot store it."""
+        path = f"{self._prefix}/{self._bucket}/{key}"
+        url = self._base.with_path(path, encoded=False)
+        checksum = base64.b64encode(bytes.fromhex(sha256)).decode()
+        for attempt in range(1, _ATTEMPTS + 1):
+            headers = self._signer.headers(
+                "PUT",
+                self._host,
+                path,
+                sha256,
+                {"content-type": content_type, "x-amz-checksum-sha256": checksum},
+            )
+            try:
+                async with self._session.put(url, data=body, headers=headers) as answer:
+                    text = await answer.text()
+                    if answer.status == 200:
+                        return
+                    failure: Exception = S3RequestFailed(answer.status, text)
+                    retryable = answer.status in _RETRYABLE
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                failure, retryable = exc, True
+            if not retryable or attempt == _ATTEMPTS:
+                raise storage_unavailable(failure) from failure
+            log.info(
+                "retrying an object PUT",
+                extra={"key": key, "attempt": attempt, "error": str(failure)[:200]},
+            )
+            await asyncio.sleep(_BACKOFF_SECONDS * 2**attempt * random.uniform(0.5, 1.5))
+
+
+@asynccontextmanager
+async def open_signed_put(
+    settings: S3Settings, *, connections: int = 64
+) -> AsyncIterator[SignedPut]:
+    """A SignedPut with its own connection pool, closed on exit."""
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60)
+    connector = aiohttp.TCPConnector(limit=connections)
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=timeout, auto_decompress=False
+    ) as session:
+        yield SignedPut(session, settings)
