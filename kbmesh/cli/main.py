@@ -166,7 +166,7 @@ async def upload(client: AsyncClient, args: argparse.Namespace) -> int:
     elif sys.stdout.isatty():
         reporter = Board(sys.stdout, files, _width())
     else:
-        reporter = Lines(sys.stdout)
+        reporter = Lines(sys.stdout, sys.stderr)
     sending = asyncio.Semaphore(args.concurrency)
     errors: list[KbmeshError] = []
 
@@ -202,6 +202,8 @@ async def upload(client: AsyncClient, args: argparse.Namespace) -> int:
             reporter.update(file)
 
             def follow(event: tm.WatchTaskResponse) -> None:
+                if event.task.state in TERMINAL_STATES:
+                    file.extra["task"] = output.to_dict(event.task)
                 file.phase, file.detail = task_summary(event.task)
                 file.stage = output.stage_name(event.task.stage)
                 file.fraction = event.task.progress

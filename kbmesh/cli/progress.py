@@ -118,10 +118,12 @@ class Board(Reporter):
 
 
 class Lines(Reporter):
-    """A line when a file is uploaded (with its task id), and one when it ends."""
+    """A line when a file is uploaded (with its task id), and one when it ends;
+    a file that could not be uploaded gets an error line on `errors`."""
 
-    def __init__(self, stream: TextIO) -> None:
+    def __init__(self, stream: TextIO, errors: TextIO) -> None:
         self._stream = stream
+        self._errors = errors
         self._seen: dict[int, set[str]] = {}
 
     def update(self, file: FileProgress) -> None:
@@ -134,12 +136,16 @@ class Lines(Reporter):
             )
         if file.finished and file.phase != "uploaded" and "finished" not in seen:
             seen.add("finished")
-            detail = f" {file.detail}" if file.detail else ""
-            self._write(f"{file.phase.upper()} {file.label}{detail}")
+            if file.phase == "error":
+                self._write(f"kbmesh: {file.label}: {file.detail}", self._errors)
+            else:
+                detail = f" {file.detail}" if file.detail else ""
+                self._write(f"{file.phase.upper()} {file.label}{detail}")
 
-    def _write(self, text: str) -> None:
-        self._stream.write(text + "\n")
-        self._stream.flush()
+    def _write(self, text: str, stream: TextIO | None = None) -> None:
+        out = stream or self._stream
+        out.write(text + "\n")
+        out.flush()
 
 
 class JsonLines(Reporter):
