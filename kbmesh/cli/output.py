@@ -164,7 +164,8 @@ def task_line(task: tm.Task) -> str:
         if task.message:
             text += f" {task.message}"
     elif state == "SUCCEEDED":
-        text += f" ({task.result.chunk_count} chunks)"
+        count = task.result.chunk_count
+        text += f" ({count} chunk{'' if count == 1 else 's'})"
     elif state in ("FAILED", "CANCELLED") and task.error.reason:
         text += f": {task.error.reason}: {task.error.message}"
     elif task.error.reason:  # pending again after a failed attempt
