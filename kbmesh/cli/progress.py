@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from kbmesh.cli.output import dumps, human_size, task_line, task_state_name
+from kbmesh.cli.output import dumps, human_size, task_state_name
 from kbmesh.taskmanager.v1 import task_manager_pb2 as tm
 
 BAR_WIDTH = 20
@@ -139,7 +139,9 @@ class Lines(Reporter):
             if file.phase == "error":
                 self._write(f"kbmesh: {file.label}: {file.detail}", self._errors)
             else:
-                detail = f" {file.detail}" if file.detail else ""
+                detail = file.detail
+                if detail:
+                    detail = f" {detail}" if detail.startswith("(") else f": {detail}"
                 self._write(f"{file.phase.upper()} {file.label}{detail}")
 
     def _write(self, text: str, stream: TextIO | None = None) -> None:
@@ -179,9 +181,12 @@ def task_summary(task: tm.Task) -> tuple[str, str]:
     """(phase, detail) of a file whose task reached `task`."""
     state = task_state_name(task.state).lower()
     if state == "pending":
-        return "queued", ""
+        return "queued", f"(attempt {task.attempt})" if task.attempt > 1 else ""
     if state == "running":
         return "running", task.message
-    line = task_line(task)
-    detail = line.split(" ", 1)[1].removeprefix(task.filename).strip()
-    return state, detail
+    if state == "succeeded":
+        count = task.result.chunk_count
+        return state, f"({count} chunk{'' if count == 1 else 's'})"
+    if task.error.reason:
+        return state, f"{task.error.reason}: {task.error.message}"
+    return state, ""

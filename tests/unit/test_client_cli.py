@@ -13,7 +13,7 @@ from kbmesh.cli import output
 from kbmesh.cli.exit_codes import Exit, for_error
 from kbmesh.cli.main import build_parser
 from kbmesh.cli.paths import PathError, expand_paths
-from kbmesh.cli.progress import FileProgress, JsonLines, Lines, bar, render
+from kbmesh.cli.progress import FileProgress, JsonLines, Lines, bar, render, task_summary
 from kbmesh.client import errors
 from kbmesh.knowledge.v1 import knowledge_pb2 as kn
 from kbmesh.taskmanager.v1 import task_manager_pb2 as tm
@@ -160,6 +160,25 @@ def test_progress_lines_show_bytes_then_processing() -> None:
     assert render(file) == "SUCCEEDED (3 chunks)  docs/a.pdf"
     assert render(file, width=10) == "SUCCEEDED…"
     assert bar(2.0, width=4) == "[####]"
+
+
+def test_task_summaries_for_progress_lines() -> None:
+    failed = tm.Task(
+        state=tm.Task.STATE_FAILED,
+        filename="x.pdf",
+        error=tm.TaskError(reason="DOCUMENT_ENCRYPTED", message="needs a password"),
+    )
+    assert task_summary(failed) == ("failed", "DOCUMENT_ENCRYPTED: needs a password")
+    done = tm.Task(state=tm.Task.STATE_SUCCEEDED, result=tm.TaskResult(chunk_count=3))
+    assert task_summary(done) == ("succeeded", "(3 chunks)")
+    assert task_summary(tm.Task(state=tm.Task.STATE_PENDING, attempt=2)) == (
+        "queued",
+        "(attempt 2)",
+    )
+    assert task_summary(tm.Task(state=tm.Task.STATE_RUNNING, message="page 1")) == (
+        "running",
+        "page 1",
+    )
 
 
 def test_line_reporter_prints_milestones_once() -> None:
