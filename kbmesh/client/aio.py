@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -569,7 +569,7 @@ class AsyncClient:
         *,
         after_event_id: str = "",
         resume_timeout: float = 120.0,
-    ) -> AsyncIterator[tm.WatchTaskResponse]:
+    ) -> AsyncGenerator[tm.WatchTaskResponse, None]:
         """The task's events until it ends: a snapshot first (unless resuming
         after `after_event_id`), then every state change and progress report.
 

@@ -38,6 +38,7 @@ from tests.conftest import (
     Launcher,
     RedisFactory,
     ServiceFactory,
+    Stack,
     WorkerFactory,
 )
 
@@ -314,3 +315,24 @@ async def test_upload_is_retried_while_the_task_manager_is_down(
         assert answer.task.filename == "retried.txt"
         tasks = [t async for t in sdk.list_tasks(knowledge_base_id=base.id)]
         assert [t.id for t in tasks] == [answer.task_id]
+
+
+async def test_both_services_through_the_envoy_gateway(stack: Stack) -> None:
+    """One address for both services: Envoy routes gRPC by service name."""
+    async with AsyncClient(
+        task_manager_address=stack.envoy_grpc_address,
+        knowledge_address=stack.envoy_grpc_address,
+    ) as sdk:
+        base = await sdk.create_knowledge_base(unique("envoy"))
+        answer = await sdk.upload(base.id, documents.TEXT, filename="notes.txt")
+        task = await sdk.get_task(answer.task_id)
+        assert task.sha256 == hashlib.sha256(documents.TEXT).hexdigest()
+        watch = sdk.watch_task(answer.task_id)
+        snapshot = await anext(watch)
+        await watch.aclose()
+        assert snapshot.type == tm.WatchTaskResponse.TYPE_SNAPSHOT
+        assert snapshot.task.id == answer.task_id
+        assert [d.filename async for d in sdk.list_documents(base.id)] == ["notes.txt"]
+        with pytest.raises(NotFound) as missing:
+            await sdk.get_task("no-such-task")
+        assert missing.value.reason == "TASK_NOT_FOUND"
