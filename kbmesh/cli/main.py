@@ -103,6 +103,8 @@ async def kb_create(client: AsyncClient, args: argparse.Namespace) -> int:
     )
     if args.json:
         _json(output.to_dict(base))
+    elif args.quiet:
+        _out(base.id)
     else:
         _out(f"created knowledge base {base.id} ({base.name})")
     return Exit.OK
@@ -460,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     kb = group("kb", "manage knowledge bases")
     sub = command(kb, "create", kb_create, "create a knowledge base")
     sub.add_argument("name")
+    sub.add_argument("--quiet", "-q", action="store_true", help="print only the new id")
     sub.add_argument("--description", default="")
     sub.add_argument("--label", action="append", metavar="KEY=VALUE")
     _chunking_options(sub)

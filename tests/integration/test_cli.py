@@ -193,7 +193,7 @@ def test_errors_have_documented_exit_codes(mesh: Mesh, tmp_path: Path) -> None:
     assert "no such file or directory" in missing.stderr
     assert kbmesh(env, "search", "--kb", "x", "").returncode in (Exit.USAGE, Exit.NOT_FOUND)
 
-    kb_id = create_kb(env, "cli-dup")
+    kb_id = kbmesh(env, "kb", "create", unique("cli-dup"), "-q").stdout.strip()
     taken = json.loads(kbmesh(env, "kb", "get", kb_id, "--json").stdout)["name"]
     again = kbmesh(env, "kb", "create", taken)
     assert again.returncode == Exit.CONFLICT
