@@ -155,6 +155,8 @@ async def kb_delete(client: AsyncClient, args: argparse.Namespace) -> int:
 
 
 async def upload(client: AsyncClient, args: argparse.Namespace) -> int:
+    if args.concurrency < 1:
+        raise UsageError("--concurrency must be at least 1")
     try:
         paths = expand_paths(args.paths)
     except PathError as exc:
