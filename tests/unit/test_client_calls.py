@@ -14,6 +14,7 @@ import pytest
 from kbmesh.client import (
     AsyncClient,
     FailedPrecondition,
+    NotFound,
     ResourceExhausted,
     RetryPolicy,
     Unavailable,
@@ -40,6 +41,9 @@ class Scripted(tm_grpc.TaskManagerServiceServicer, kn_grpc.KnowledgeServiceServi
         self.calls: dict[str, int] = {}
         self.metadata: dict[str, list[dict[str, str]]] = {}
         self.uploads: list[tuple[tm.UploadRequest, bytes]] = []
+        # Per WatchTask call: the events to send; None ends the call with UNAVAILABLE.
+        self.watch_script: list[list[tm.WatchTaskResponse | None]] = []
+        self.watch_requests: list[str] = []
 
     async def _enter(self, method: str, context: Context) -> None:
         self.calls[method] = self.calls.get(method, 0) + 1
@@ -77,6 +81,14 @@ class Scripted(tm_grpc.TaskManagerServiceServicer, kn_grpc.KnowledgeServiceServi
         self, request: tm.WatchTaskRequest, context: Context
     ) -> AsyncIterator[tm.WatchTaskResponse]:
         await self._enter("WatchTask", context)
+        self.watch_requests.append(request.after_event_id)
+        if self.watch_script:
+            for event in self.watch_script.pop(0):
+                if event is None:
+                    await abort_with(context, status_of(ServerUnavailable("GONE", "gone"), "t"))
+                    return
+                yield event
+            return
         yield tm.WatchTaskResponse(
             event_id="1-0",
             type=tm.WatchTaskResponse.TYPE_SNAPSHOT,
@@ -208,3 +220,66 @@ async def test_an_upload_without_request_id_is_not_retried(server: tuple[Scripte
         with pytest.raises(Unavailable):
             await sdk.upload("kb", b"data", filename="a.txt", request_id="")
     assert len(scripted.uploads) == 1
+
+
+def event(event_id: str, kind: str, state: str, *, last: bool = False) -> tm.WatchTaskResponse:
+    return tm.WatchTaskResponse(
+        event_id=event_id,
+        type=tm.WatchTaskResponse.Type.Value(f"TYPE_{kind}"),
+        task=tm.Task(state=tm.Task.State.Value(f"STATE_{state}")),
+        last=last,
+    )
+
+
+async def test_a_broken_watch_resumes_after_the_last_event_without_repeats(
+    server: tuple[Scripted, str],
+) -> None:
+    scripted, address = server
+    retryable_error = tm.WatchTaskResponse(
+        type=tm.WatchTaskResponse.TYPE_ERROR,
+        error=tm.TaskError(code="UNAVAILABLE", reason="REDIS_UNAVAILABLE", retryable=True),
+        last=True,
+    )
+    scripted.watch_script = [
+        [event("5-0", "SNAPSHOT", "PENDING"), event("6-0", "STATE_CHANGED", "RUNNING"), None],
+        [event("7-0", "PROGRESS", "RUNNING"), retryable_error],
+        # A replica that replays an event already delivered: dropped.
+        [
+            event("7-0", "PROGRESS", "RUNNING"),
+            event("8-0", "STATE_CHANGED", "SUCCEEDED", last=True),
+        ],
+    ]
+    async with client_for(address, retry=FAST) as sdk:
+        seen = [e async for e in sdk.watch_task("t")]
+    assert [e.event_id for e in seen] == ["5-0", "6-0", "7-0", "8-0"]
+    assert scripted.watch_requests == ["", "6-0", "7-0"]
+
+
+async def test_a_watch_error_that_retrying_cannot_fix_is_raised(
+    server: tuple[Scripted, str],
+) -> None:
+    scripted, address = server
+    scripted.watch_script = [
+        [
+            event("5-0", "SNAPSHOT", "PENDING"),
+            tm.WatchTaskResponse(
+                type=tm.WatchTaskResponse.TYPE_ERROR,
+                error=tm.TaskError(code="NOT_FOUND", reason="TASK_NOT_FOUND", message="gone"),
+                last=True,
+            ),
+        ]
+    ]
+    async with client_for(address, retry=FAST) as sdk:
+        with pytest.raises(NotFound) as failed:
+            [e async for e in sdk.watch_task("t")]
+    assert failed.value.reason == "TASK_NOT_FOUND"
+    assert scripted.watch_requests == [""]
+
+
+async def test_a_watch_gives_up_after_its_resume_timeout(server: tuple[Scripted, str]) -> None:
+    scripted, address = server
+    scripted.watch_script = [[None]] * 3
+    async with client_for(address, retry=FAST) as sdk:
+        with pytest.raises(Unavailable):
+            [e async for e in sdk.watch_task("t", resume_timeout=0.0)]
+    assert len(scripted.watch_requests) == 1
