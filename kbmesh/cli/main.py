@@ -16,6 +16,7 @@ import asyncio
 import shutil
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -446,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
         "5 auth, 6 conflict, 7 limit, 8 other error, 130 interrupted (docs/cli.md).",
         parents=[common],
     )
+    parser.add_argument("--version", action="version", version=f"kbmesh {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(
@@ -552,6 +554,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--document", action="append", metavar="ID", help="only these documents")
     sub.add_argument("--metadata", action="append", metavar="KEY=VALUE")
     return parser
+
+
+def _version() -> str:
+    try:
+        return metadata.version("kbmesh")
+    except metadata.PackageNotFoundError:  # running from a checkout without installing
+        return "unknown"
 
 
 def _settings(args: argparse.Namespace) -> ConnectionSettings:
