@@ -18,7 +18,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import IO, Any, NoReturn
 
 from kbmesh.cli import output
 from kbmesh.cli.exit_codes import Exit, for_error
@@ -158,13 +158,24 @@ async def kb_delete(client: AsyncClient, args: argparse.Namespace) -> int:
 async def upload(client: AsyncClient, args: argparse.Namespace) -> int:
     if args.concurrency < 1:
         raise UsageError("--concurrency must be at least 1")
-    try:
-        paths = expand_paths(args.paths)
-    except PathError as exc:
-        raise UsageError(str(exc)) from None
+    sources: list[Path | IO[bytes]]
+    if "-" in args.paths:
+        if len(args.paths) > 1 or not args.filename:
+            raise UsageError("'-' (standard input) is uploaded alone and needs --filename")
+        sources = [sys.stdin.buffer]
+    else:
+        if args.filename:
+            raise UsageError("--filename is only for '-' (standard input)")
+        try:
+            sources = list(expand_paths(args.paths))
+        except PathError as exc:
+            raise UsageError(str(exc)) from None
     metadata = _pairs(args.metadata, "--metadata")
     chunking = _chunking(args)
-    files = [FileProgress(label=str(path)) for path in paths]
+    files = [
+        FileProgress(label=str(source) if isinstance(source, Path) else args.filename)
+        for source in sources
+    ]
     reporter: Reporter
     if args.json:
         reporter = JsonLines(sys.stdout)
@@ -175,7 +186,7 @@ async def upload(client: AsyncClient, args: argparse.Namespace) -> int:
     sending = asyncio.Semaphore(args.concurrency)
     errors: list[KbmeshError] = []
 
-    async def one(path: Path, file: FileProgress) -> None:
+    async def one(source: Path | IO[bytes], file: FileProgress) -> None:
         try:
             async with sending:
                 file.phase = "hashing"
@@ -187,7 +198,8 @@ async def upload(client: AsyncClient, args: argparse.Namespace) -> int:
 
                 answer = await client.upload(
                     args.kb,
-                    path,
+                    source,
+                    filename=args.filename,
                     content_type=args.content_type,
                     chunking=chunking,
                     priority=args.priority,
@@ -227,7 +239,7 @@ async def upload(client: AsyncClient, args: argparse.Namespace) -> int:
             reporter.update(file)
 
     try:
-        await asyncio.gather(*(one(path, file) for path, file in zip(paths, files, strict=True)))
+        await asyncio.gather(*(one(src, file) for src, file in zip(sources, files, strict=True)))
     finally:
         reporter.close()
     failed = [f for f in files if f.phase in ("failed", "cancelled", "error")]
@@ -489,7 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
         upload,
         "upload files, directories (recursively) or glob patterns to a knowledge base",
     )
-    sub.add_argument("paths", nargs="+", metavar="PATH")
+    sub.add_argument("paths", nargs="+", metavar="PATH", help="file, directory, glob, or -")
+    sub.add_argument("--filename", help="file name of what '-' reads from standard input")
     sub.add_argument("--kb", required=True, metavar="ID", help="knowledge base id")
     sub.add_argument("--wait", action="store_true", help="follow ingestion until every file ends")
     sub.add_argument(

@@ -38,7 +38,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, s3_server: SeaweedServer) -> 
 
 
 def kbmesh(
-    env: Mapping[str, str], *args: str, timeout: float = 600
+    env: Mapping[str, str], *args: str, timeout: float = 600, stdin: str | None = None
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(KBMESH), *args],
@@ -47,6 +47,7 @@ def kbmesh(
         text=True,
         timeout=timeout,
         check=False,
+        input=stdin,
     )
 
 
@@ -158,6 +159,25 @@ def test_a_failed_document_makes_the_upload_fail(mesh: Mesh, tmp_path: Path) -> 
     watch = kbmesh(env, "tasks", "watch", failed[0]["id"])
     assert watch.returncode == Exit.FAILED
     assert "FAILED locked.pdf: DOCUMENT_ENCRYPTED" in watch.stdout
+
+    # Standard input (a pipe: streamed as it comes) needs a file name.
+    piped = kbmesh(
+        env,
+        "upload",
+        "-",
+        "--kb",
+        kb_id,
+        "--filename",
+        "piped.md",
+        "--wait",
+        stdin="# Piped\n\nhi\n",
+    )
+    assert piped.returncode == Exit.OK, piped.stderr
+    assert "SUCCEEDED piped.md" in piped.stdout
+    assert kbmesh(env, "upload", "-", "--kb", kb_id).returncode == Exit.USAGE
+    assert kbmesh(env, "upload", "-", str(good), "--kb", kb_id, "--filename", "x").returncode == (
+        Exit.USAGE
+    )
 
 
 def test_errors_have_documented_exit_codes(mesh: Mesh, tmp_path: Path) -> None:
