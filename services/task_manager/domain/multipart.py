@@ -83,7 +83,13 @@ def _filename(disposition: dict[str, str]) -> str | None:
         except (LookupError, UnicodeDecodeError):
             name = None
     if name is None and "filename" in disposition:
-        name = disposition["filename"]
+        # Browsers percent-encode `"`, CR and LF (HTML spec); other clients
+        # (aiohttp, some SDKs) percent-encode more. Decoded when the result is
+        # UTF-8; a literal "%41" in a name is therefore read as "A".
+        try:
+            name = unquote(disposition["filename"], errors="strict")
+        except UnicodeDecodeError:
+            name = disposition["filename"]
     if name is None:
         return None
     # Old browsers send C:\\path\\file.txt; keep the file's own name.
