@@ -73,7 +73,10 @@ async def test_document_routes_search_and_delete(http: aiohttp.ClientSession) ->
     # Not ingested (this stack runs no worker): nothing to find yet, but the
     # search route answers through the transcoder.
     status, found = await call(
-        http, "POST", f"{base}:search", json={"query": "gateway", "top_k": 3, "mode": "MODE_KEYWORD"}
+        http,
+        "POST",
+        f"{base}:search",
+        json={"query": "gateway", "top_k": 3, "mode": "MODE_KEYWORD"},
     )
     assert status == 200, found
     assert found["results"] == []
@@ -257,9 +260,7 @@ async def test_multipart_form_upload(http: aiohttp.ClientSession) -> None:
     assert task["sha256"] == hashlib.sha256(data).hexdigest()
 
 
-async def test_large_multipart_upload_streams(
-    http: aiohttp.ClientSession, tmp_path: Path
-) -> None:
+async def test_large_multipart_upload_streams(http: aiohttp.ClientSession, tmp_path: Path) -> None:
     kb = await new_kb(http)
     path = tmp_path / "big.bin"
     digest = hashlib.sha256()

@@ -71,7 +71,7 @@ async def test_later_parts_are_dropped_and_preamble_skipped() -> None:
 
 async def test_extended_filename_and_windows_path() -> None:
     head = (
-        "Content-Disposition: form-data; name=f; filename=\"fallback.txt\"; "
+        'Content-Disposition: form-data; name=f; filename="fallback.txt"; '
         "filename*=UTF-8''%E6%96%87%E6%A1%A3.txt\r\n\r\n"
     )
     assert (await parse(body(head.encode() + b"x")))[0] == "\u6587\u6863.txt"

@@ -126,7 +126,9 @@ class _Stream:
                 return True
         return False
 
-    async def until(self, delimiter: bytes, *, limit: int | None, what: str) -> AsyncIterator[bytes]:
+    async def until(
+        self, delimiter: bytes, *, limit: int | None, what: str
+    ) -> AsyncIterator[bytes]:
         """Yields bytes up to `delimiter` and consumes it.
 
         `limit`: at most this many bytes before it (else MULTIPART_MALFORMED).
