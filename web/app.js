@@ -231,6 +231,10 @@ async function loadDocuments() {
     return;
   }
   renderDocuments();
+  if (Number(state.kb.document_count || 0) !== state.docs.length) {
+    state.kb.document_count = state.docs.length;
+    renderKnowledgeBases();
+  }
   // Keep the list fresh while something is still being processed.
   clearTimeout(state.pollTimer);
   if (state.docs.some((d) => !TERMINAL.has(enumName(d.state, "STATE_")))) {
