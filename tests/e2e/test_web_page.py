@@ -63,7 +63,8 @@ async def drop_files(page: Page, files: list[tuple[str, bytes, str]]) -> None:
                 dt.items.add(new File([bytes], f.name, { type: f.type }));
             }
             const zone = document.getElementById("dropzone");
-            zone.dispatchEvent(new DragEvent("drop", { dataTransfer: dt, bubbles: true, cancelable: true }));
+            const init = { dataTransfer: dt, bubbles: true, cancelable: true };
+            zone.dispatchEvent(new DragEvent("drop", init));
         }""",
         payload,
     )
@@ -87,10 +88,12 @@ async def test_create_upload_watch_search(
                     const row = r.target.closest && r.target.closest(".upload");
                     if (!row) continue;
                     const name = row.dataset.filename;
-                    (window.seenStates[name] = window.seenStates[name] || []).push(row.dataset.state);
+                    const seen = (window.seenStates[name] = window.seenStates[name] || []);
+                    seen.push(row.dataset.state);
                 }
-            }).observe(document.getElementById("uploads"),
-                { subtree: true, childList: true, attributes: true, attributeFilter: ["data-state"] });
+            }).observe(document.getElementById("uploads"), {
+                subtree: true, childList: true, attributes: true, attributeFilter: ["data-state"],
+            });
         }"""
     )
 
