@@ -73,6 +73,9 @@ const REASONS = {
   QUEUE_FULL: "The processing queue is full: try again later.",
   DOCUMENT_ENCRYPTED: "The document is password-protected and cannot be read.",
   UNSUPPORTED_FORMAT: "This file format is not supported.",
+  NOT_IMPLEMENTED: "This server does not support that yet.",
+  UPSTREAM_UNAVAILABLE: "The service is unavailable right now. Try again in a moment.",
+  MULTIPART_TRUNCATED: "The upload was cut off before the end. Try again.",
 };
 
 const STATUS_WORDS = {

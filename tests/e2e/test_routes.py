@@ -13,10 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import grpc
 import pytest
 
+from devstack import servers
 from devstack.servers import EnvoyServer
 from kbmesh.knowledge.v1 import knowledge_pb2 as kn
+from kbmesh.knowledge.v1 import knowledge_pb2_grpc as kn_grpc
 from tests.conftest import EnvoyFactory, Stack
 
 pytestmark = pytest.mark.e2e
@@ -133,17 +136,50 @@ async def test_error_statuses(http: aiohttp.ClientSession) -> None:
 
 
 async def test_unavailable_upstream_is_503_json(stack: Stack, start_envoy: EnvoyFactory) -> None:
-    from devstack import servers
-
     dead = f"127.0.0.1:{servers.find_free_port()}"
     envoy = start_envoy(task_manager=[stack.tm_address], knowledge=[dead])
     async with aiohttp.ClientSession(base_url=envoy.http_url) as http:
         status, body = await call(http, "GET", "/api/v1/knowledge-bases")
         assert status == 503, body
         assert body["code"] == 14
+        assert reason(body) == "UPSTREAM_UNAVAILABLE"
         # The Task Manager behind the same Envoy still answers.
         status, _ = await call(http, "GET", "/api/v1/tasks?page_size=1")
         assert status == 200
+    # Native gRPC callers get UNAVAILABLE.
+    async with grpc.aio.insecure_channel(envoy.grpc_address) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await kn_grpc.KnowledgeServiceStub(channel).ListKnowledgeBases(
+                kn.ListKnowledgeBasesRequest(), timeout=10
+            )
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_replicas_behind_one_envoy_dead_one_health_checked_out(
+    stack: Stack, start_envoy: EnvoyFactory
+) -> None:
+    dead = f"127.0.0.1:{servers.find_free_port()}"
+    envoy = start_envoy(task_manager=[dead, stack.tm_address], knowledge=[stack.ks_address, dead])
+    # Active gRPC health checks mark the dead replicas before traffic needs them.
+    clusters = ""
+    for _ in range(100):
+        _, raw = servers.http_get(envoy.admin_url + "/clusters")
+        clusters = raw.decode()
+        if clusters.count("failed_active_hc") >= 2:
+            break
+        await asyncio.sleep(0.1)
+    assert f"task_manager::{dead}::health_flags::/failed_active_hc" in clusters, clusters
+    assert f"knowledge::{dead}::health_flags::/failed_active_hc" in clusters, clusters
+    assert f"task_manager::{stack.tm_address}::health_flags::healthy" in clusters, clusters
+    async with aiohttp.ClientSession(base_url=envoy.http_url) as http:
+        results = await asyncio.gather(
+            *(
+                call(http, "GET", path)
+                for _ in range(10)
+                for path in ("/api/v1/tasks?page_size=1", "/api/v1/knowledge-bases?page_size=1")
+            )
+        )
+    assert [status for status, _ in results] == [200] * 20
 
 
 async def test_cors_preflight(http: aiohttp.ClientSession) -> None:
