@@ -162,3 +162,14 @@ async def test_errors_in_plain_words_and_api_key_header(
     request = await sent.value
     assert await request.header_value("authorization") == "Bearer kbm_test_key"
     assert await page.evaluate("() => localStorage.getItem('kbmesh.apiKey')") == "kbm_test_key"
+
+    # With a key, progress comes from the SSE route read by fetch() (EventSource
+    # cannot send the header): the upload still ends SUCCEEDED on the page.
+    await expect(page.locator("#kb-title")).to_have_text(name)
+    async with page.expect_request(lambda r: r.url.endswith(":sse")) as watched:
+        await drop_files(page, [("notes.txt", documents.TEXT, "text/plain")])
+    sse = await watched.value
+    assert await sse.header_value("authorization") == "Bearer kbm_test_key"
+    assert sse.resource_type == "fetch"
+    row = page.locator('.upload[data-filename="notes.txt"]')
+    await expect(row).to_have_attribute("data-state", "SUCCEEDED", timeout=INGEST_MS)
