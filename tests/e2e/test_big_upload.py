@@ -18,7 +18,8 @@ import pytest
 
 from tests.conftest import Stack
 
-pytestmark = pytest.mark.e2e
+# A timeout, not a speed check: 1 GiB on a loaded machine may take minutes.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 GIB = 1 << 30
 MIB = 1 << 20
 

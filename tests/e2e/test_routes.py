@@ -296,6 +296,7 @@ async def test_multipart_form_upload(http: aiohttp.ClientSession) -> None:
     assert task["sha256"] == hashlib.sha256(data).hexdigest()
 
 
+@pytest.mark.timeout(600)
 async def test_large_multipart_upload_streams(http: aiohttp.ClientSession, tmp_path: Path) -> None:
     kb = await new_kb(http)
     path = tmp_path / "big.bin"
