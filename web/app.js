@@ -210,6 +210,7 @@ $("kb-form").addEventListener("submit", async (ev) => {
   ev.preventDefault();
   const name = $("kb-name").value.trim();
   if (!name) return;
+  $("kb-create").disabled = true;
   try {
     const kb = await api("POST", "/knowledge-bases", { name });
     $("kb-name").value = "";
@@ -217,6 +218,8 @@ $("kb-form").addEventListener("submit", async (ev) => {
     selectKnowledgeBase(kb);
   } catch (err) {
     notify("Could not create the knowledge base: " + errorWords(err));
+  } finally {
+    $("kb-create").disabled = false;
   }
 });
 
@@ -333,8 +336,20 @@ function addUploadRow(file) {
   };
 }
 
-function uploadFile(kbId, file) {
-  const row = addUploadRow(file);
+// At most this many uploads send bytes at once; the others wait their turn.
+const PARALLEL_UPLOADS = 3;
+const uploadQueue = [];
+let uploadsActive = 0;
+
+function pumpUploads() {
+  while (uploadsActive < PARALLEL_UPLOADS && uploadQueue.length) {
+    const next = uploadQueue.shift();
+    uploadsActive++;
+    uploadFile(next.kbId, next.file, next.row, () => { uploadsActive--; pumpUploads(); });
+  }
+}
+
+function uploadFile(kbId, file, row, finished) {
   const url = `${API}/knowledge-bases/${encodeURIComponent(kbId)}/documents:upload?filename=${encodeURIComponent(file.name)}`;
   const xhr = new XMLHttpRequest();
   xhr.open("POST", url);
@@ -346,6 +361,7 @@ function uploadFile(kbId, file) {
     row.setPhase("uploading", `uploading ${humanBytes(ev.loaded)} of ${humanBytes(total)}`, total ? ev.loaded / total : 0);
   };
   xhr.upload.onload = () => row.setPhase("stored", "storing…", 1);
+  xhr.onloadend = finished;
   xhr.onerror = () => row.setPhase("failed", "upload failed: " + STATUS_WORDS[0], null);
   xhr.onload = async () => {
     if (xhr.status < 200 || xhr.status >= 300) {
@@ -446,7 +462,12 @@ async function pollTask(taskId, row) {
 
 function uploadAll(files) {
   if (!state.kb) { notify("Pick or create a knowledge base first."); return; }
-  for (const file of files) uploadFile(state.kb.id, file);
+  for (const file of files) {
+    const row = addUploadRow(file);
+    row.setPhase("waiting", "waiting to upload", 0);
+    uploadQueue.push({ kbId: state.kb.id, file, row });
+  }
+  pumpUploads();
 }
 
 const drop = $("dropzone");
