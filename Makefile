@@ -17,7 +17,7 @@ GENERATED := build/.generated
 PROTO_FILES := $(shell find protos -name '*.proto')
 PYTEST_ARGS ?=
 
-.PHONY: help venv gen up down run status test lint fmt bench clean distclean
+.PHONY: help venv gen browser up down run status test lint fmt bench clean distclean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -58,7 +58,15 @@ fmt: $(INSTALLED) ## format and auto-fix
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: lint ## lint, then every test (unit, integration on real servers, e2e through Envoy)
+# Headless Chromium for the web page test (tests/e2e/test_web_page.py), from
+# Debian's packages: Playwright drives it and never downloads a browser.
+browser: ## install Debian's chromium if missing (apt-get, as root)
+	@if command -v chromium >/dev/null 2>&1; then echo "chromium: $$(command -v chromium)"; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
+	else echo "chromium is missing: run 'sudo apt-get install chromium' (or 'sudo make browser')" >&2; exit 1; fi
+
+test: lint browser ## lint, then every test (unit, integration on real servers, e2e through Envoy)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 # Baselines the benchmarks compare against (Celery), never needed to run kbmesh.

@@ -931,6 +931,25 @@ def _split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+UPLOAD_RATE_LIMIT_PREFIX = "upload_rate_limit"
+
+
+@dataclass(frozen=True)
+class UploadRateLimit:
+    """Token bucket of the upload route: `burst` at once, then `per_second`."""
+
+    burst: int
+    per_second: int
+    fill_interval_s: int = 1
+
+    def token_bucket(self) -> dict[str, Any]:
+        return {
+            "max_tokens": self.burst,
+            "tokens_per_fill": self.per_second * self.fill_interval_s,
+            "fill_interval": f"{self.fill_interval_s}s",
+        }
+
+
 def render_envoy_config(
     *,
     listen_port: int,
@@ -939,13 +958,17 @@ def render_envoy_config(
     listen_host: str = LOOPBACK,
     descriptor: Path = DEFAULT_DESCRIPTOR,
     template: Path = ENVOY_TEMPLATE,
+    upload_rate_limit: UploadRateLimit | None = None,
 ) -> dict[str, Any]:
     """gateway/envoy.yaml with the given ports, upstreams and descriptor.
 
     `upstreams` maps a cluster name (``task_manager``, ``knowledge``) to one or
     more ``host:port`` endpoints (replicas). The admin interface stays on
     127.0.0.1. Every ``proto_descriptor`` (main and per-route transcoder
-    configs) becomes the absolute `descriptor` path.
+    configs) becomes the absolute `descriptor` path, and every file a
+    ``direct_response`` serves (the web page, relative to the repository
+    root in the template) an absolute path. `upload_rate_limit` replaces the
+    upload route's token bucket.
     """
     config: dict[str, Any] = yaml.safe_load(template.read_text())
     config = copy.deepcopy(config)
@@ -978,9 +1001,19 @@ def render_envoy_config(
         }
 
     descriptor_path = str(descriptor.resolve())
+    rate_limited = False
     for node in _walk(config):
         if "proto_descriptor" in node:
             node["proto_descriptor"] = descriptor_path
+        body = node.get("direct_response", {}).get("body", {})
+        if "filename" in body and not Path(body["filename"]).is_absolute():
+            body["filename"] = str(ROOT / body["filename"])
+        if node.get("stat_prefix") == UPLOAD_RATE_LIMIT_PREFIX and "token_bucket" in node:
+            rate_limited = True
+            if upload_rate_limit is not None:
+                node["token_bucket"] = upload_rate_limit.token_bucket()
+    if not rate_limited:
+        raise ValueError(f"{template}: no {UPLOAD_RATE_LIMIT_PREFIX!r} local rate limit")
     return config
 
 
@@ -1055,6 +1088,7 @@ def start_envoy(
     timeout: float = 60.0,
     stop_timeout: float = DEFAULT_STOP_TIMEOUT,
     detached: bool = False,
+    upload_rate_limit: UploadRateLimit | None = None,
 ) -> EnvoyServer:
     """Render the gateway config into `run_dir` and run Envoy on it.
 
@@ -1075,6 +1109,7 @@ def start_envoy(
         listen_host=listen_host,
         descriptor=descriptor,
         template=template,
+        upload_rate_limit=upload_rate_limit,
     )
     config_path = write_envoy_config(run_dir / "envoy.yaml", config)
     argv: list[str | os.PathLike[str]] = [

@@ -39,6 +39,11 @@ variable                        default                    what
 ``KBMESH_LOG_FORMAT``           ``json``                   services' log format (json|text)
 ``KBMESH_START_TIMEOUT``        ``90``                     seconds a part may take to start
 ``KBMESH_WORKER_TOKEN``         a fixed dev token          worker token (Task Manager and worker)
+``KBMESH_ENVOY_TASK_MANAGERS``  (none)                     more Task Manager replicas behind
+                                                           Envoy: ``host:port,host:port``
+``KBMESH_ENVOY_KNOWLEDGE``      (none)                     more Knowledge Service replicas
+``KBMESH_ENVOY_UPLOAD_BURST``   ``50``                     uploads admitted at once (then 429)
+``KBMESH_ENVOY_UPLOAD_RATE``    ``20``                     uploads per second after the burst
 ==============================  =========================  ===============================
 
 The services also inherit the caller's environment, so any other
@@ -104,6 +109,25 @@ def _env_float(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+def _env_count(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or int(raw) < 1:
+        raise SystemExit(f"{name}={raw!r} must be a positive whole number")
+    return int(raw)
+
+
+def _env_addresses(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """``host:port,host:port`` -> a tuple of addresses (empty if unset)."""
+    addresses = tuple(a.strip() for a in env.get(name, "").split(",") if a.strip())
+    for address in addresses:
+        host, sep, port = address.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise SystemExit(f"{name}: {address!r} is not host:port")
+    return addresses
+
+
 @dataclass(frozen=True)
 class StackConfig:
     """Where the stack keeps its state and which ports it uses."""
@@ -126,6 +150,11 @@ class StackConfig:
     log_level: str = "INFO"
     log_format: str = "json"
     start_timeout: float = 90.0
+    # Replicas started elsewhere, load-balanced by Envoy with the local ones.
+    extra_task_managers: tuple[str, ...] = ()
+    extra_knowledge: tuple[str, ...] = ()
+    upload_burst: int = 50
+    upload_rate: int = 20
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> StackConfig:
@@ -150,12 +179,18 @@ class StackConfig:
             log_level=env.get("KBMESH_LOG_LEVEL") or d.log_level,
             log_format=env.get("KBMESH_LOG_FORMAT") or d.log_format,
             start_timeout=_env_float(env, "KBMESH_START_TIMEOUT", d.start_timeout),
+            extra_task_managers=_env_addresses(env, "KBMESH_ENVOY_TASK_MANAGERS"),
+            extra_knowledge=_env_addresses(env, "KBMESH_ENVOY_KNOWLEDGE"),
+            upload_burst=_env_count(env, "KBMESH_ENVOY_UPLOAD_BURST", d.upload_burst),
+            upload_rate=_env_count(env, "KBMESH_ENVOY_UPLOAD_RATE", d.upload_rate),
         )
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> StackConfig:
         fields = dict(data)
         fields["home"] = Path(fields["home"])
+        for name in ("extra_task_managers", "extra_knowledge"):
+            fields[name] = tuple(fields.get(name, ()))
         return cls(**fields)
 
     def to_json(self) -> dict[str, Any]:
@@ -514,7 +549,13 @@ def start_parts(
         listen_host=config.envoy_host,
         listen_port=config.envoy_port,
         admin_port=config.envoy_admin_port,
-        upstreams={"task_manager": [config.tm_address], "knowledge": [config.ks_address]},
+        upstreams={
+            "task_manager": [config.tm_address, *config.extra_task_managers],
+            "knowledge": [config.ks_address, *config.extra_knowledge],
+        },
+        upload_rate_limit=servers.UploadRateLimit(
+            burst=config.upload_burst, per_second=config.upload_rate
+        ),
         run_dir=run / "envoy",
         log_path=config.log_path("envoy"),
         timeout=timeout,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import time
@@ -43,6 +44,7 @@ from services.task_manager.dispatch import (
     WorkerSession,
 )
 from services.task_manager.domain.dispatch import MAX_CREDITS, MAX_WORKER_ID_CHARS
+from services.task_manager.domain.multipart import multipart_boundary, open_file_part
 from services.task_manager.domain.ports import TaskStore
 from services.task_manager.domain.upload import Uploads
 from services.task_manager.domain.worker_auth import WorkerTokens
@@ -94,7 +96,20 @@ class TaskManagerApi(tm_grpc.TaskManagerServiceServicer):
                 if message.file.data:
                     yield message.file.data
 
-        result = await self._uploads.upload(header, chunks())
+        body: AsyncIterator[bytes] = chunks()
+        # An HTML form's multipart/form-data body (through Envoy, its HTTP
+        # Content-Type arrives in file.content_type): the first file part is
+        # the document, streamed; its name and type come from the part headers.
+        boundary = multipart_boundary(first.file.content_type)
+        if boundary is not None:
+            part = await open_file_part(body, boundary)
+            header = dataclasses.replace(
+                header,
+                filename=header.filename or part.filename,
+                content_type=part.content_type,
+            )
+            body = part.chunks
+        result = await self._uploads.upload(header, body)
         task = result.task
         log.info(
             "upload acknowledged",

@@ -152,9 +152,13 @@ def test_envoy_answers_404_for_unknown_paths(start_envoy: EnvoyFactory) -> None:
     envoy = start_envoy(task_manager=nowhere, knowledge=nowhere)
 
     assert servers.envoy_ready(envoy.admin_port)
-    for path in ("/", "/no/such/path", "/api/v2/tasks", "/api/v1/tasksx"):
+    for path in ("/no/such/path", "/api/v2/tasks", "/api/v1/tasksx", "/web/nothing.js"):
         status, _ = servers.http_get(envoy.http_url + path)
         assert status == 404, path
+    # `/` is the web page, served by Envoy itself.
+    status, page = servers.http_get(envoy.http_url + "/")
+    assert status == 200
+    assert b"<title>kbmesh</title>" in page
     # A REST path the transcoder does not know: 404 too.
     status, _ = servers.http_get(envoy.http_url + "/api/v1/tasks/a/b/c")
     assert status == 404
