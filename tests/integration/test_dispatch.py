@@ -365,9 +365,11 @@ async def test_a_killed_worker_s_task_completes_on_another_worker(
     task_id = await upload(tm_a, kb, "survivor", sleep="1.5")
     running = await reaches(tm_a, task_id, tm.Task.STATE_RUNNING, 10)
     assert running.worker_id == "w-doomed"
-    workers("w-heir")
+    # Killed before the heir starts: a worker starting slowly on a busy machine
+    # must not leave the doomed one time to finish the task.
     os.kill(doomed.pid, signal.SIGKILL)
     killed_at = time.monotonic()
+    workers("w-heir")
     task = await reaches(tm_a, task_id, tm.Task.STATE_SUCCEEDED, LEASE_SECONDS + 30)
     assert time.monotonic() - killed_at >= LEASE_SECONDS - 0.5  # it waited for the lease
     assert (task.worker_id, task.attempt) == ("w-heir", 2)
@@ -455,8 +457,10 @@ async def test_a_stopping_worker_hands_its_task_back(
     leaving = workers("w-leaving")
     task_id = await upload(tm_a, kb, "handed-back", sleep="3")
     await reaches(tm_a, task_id, tm.Task.STATE_RUNNING, 10)
-    workers("w-staying")
+    # Stopped before the other worker starts: a slow start on a busy machine
+    # must not leave the task time to finish where it is.
     await asyncio.to_thread(leaving.stop)  # SIGTERM: 0.5 s grace, then hand back
+    workers("w-staying")
 
     async def taken_over() -> bool:
         return (await get(tm_a, task_id)).worker_id == "w-staying"
