@@ -21,6 +21,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha._async import ReflectionServicer
 
+from services.common.auth import ApiKeyAuth, Authenticator
 from services.common.settings import GrpcSettings
 from services.common.status import ErrorTranslation
 
@@ -58,7 +59,8 @@ class ServiceHost:
 
     `services` are the full names this server serves (for reflection and
     per-service health); `mesh_services` the names reflection lists when asked
-    through the gateway.
+    through the gateway; `authenticator` checks callers of every public RPC
+    (services/common/auth.py).
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class ServiceHost:
         *,
         error_domain: str,
         mesh_services: Sequence[str] = (),
+        authenticator: Authenticator | None = None,
     ) -> None:
         self.name = name
         self.settings = settings
@@ -83,9 +86,12 @@ class ServiceHost:
             ("grpc.http2.bdp_probe", 0),
             ("grpc.http2.lookahead_bytes", settings.stream_window_bytes),
         ]
-        self.server = grpc.aio.server(
-            interceptors=[ErrorTranslation(error_domain)], options=options
-        )
+        # Authentication runs inside the error translation, so a refused caller
+        # gets UNAUTHENTICATED with its ErrorInfo like any other error.
+        interceptors: list[Any] = [ErrorTranslation(error_domain)]
+        if authenticator is not None:
+            interceptors.append(ApiKeyAuth(authenticator))
+        self.server = grpc.aio.server(interceptors=interceptors, options=options)
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         own = [*self.services, _HEALTH_SERVICE, reflection.SERVICE_NAME]

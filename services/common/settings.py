@@ -62,3 +62,24 @@ class S3Settings(_Group):
     secret_access_key: SecretStr = SecretStr("kbmesh-secret")
     # How long start-up waits for the bucket to answer before giving up.
     connect_timeout_seconds: float = Field(default=30.0, gt=0)
+
+
+# A tenant name: also part of Redis keys and S3 object keys, so no separators.
+TENANT_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+# The tenant of records written before tenants existed, and of every caller
+# when authentication is off (unless auth.default_tenant says otherwise).
+DEFAULT_TENANT = "default"
+
+
+class AuthSettings(_Group):
+    """How callers of the public RPCs authenticate (docs/security.md).
+
+    `api_keys`: every public RPC needs `authorization: Bearer kbm_<id>_<secret>`,
+    a key issued with `python -m services.admin keys create --tenant T`; the
+    caller acts as the key's tenant. `off`: no credentials, every caller is
+    `default_tenant`; allowed only on a loopback address, and logged loudly.
+    """
+
+    mode: Literal["api_keys", "off"] = "api_keys"
+    # The tenant every caller is when `mode` is off.
+    default_tenant: str = Field(default=DEFAULT_TENANT, pattern=TENANT_PATTERN)

@@ -307,7 +307,7 @@ class KnowledgeApi(kn_grpc.KnowledgeServiceServicer):
             return kn.DeleteKnowledgeBaseResponse(**json.loads(earlier))
         index = self._require_index()
         kb = await self._kbs.get(kb_id)
-        if kb is None and not is_id(kb_id):
+        if kb is None and (not is_id(kb_id) or await self._kbs.exists(kb_id)):
             await self._kbs.require(kb_id)  # NOT_FOUND, like every other RPC
         if kb is not None:
             # The record goes first: from here on uploads get NOT_FOUND (the Task

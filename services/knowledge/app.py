@@ -17,6 +17,7 @@ import grpc
 from redis.asyncio import Redis
 
 from kbmesh.knowledge.v1 import knowledge_pb2_grpc
+from services.common.auth import build_authenticator
 from services.common.connections import open_redis, open_s3
 from services.common.host import ServiceHost
 from services.knowledge.adapters.redis_documents import RedisDocuments
@@ -76,7 +77,11 @@ async def build_app(settings: KnowledgeSettings) -> AsyncIterator[KnowledgeApp]:
         redis = await stack.enter_async_context(open_redis(settings.redis))
         s3 = await stack.enter_async_context(open_s3(settings.s3))
         host = ServiceHost(
-            "knowledge", settings.grpc, [KNOWLEDGE_SERVICE], error_domain=ERROR_DOMAIN
+            "knowledge",
+            settings.grpc,
+            [KNOWLEDGE_SERVICE],
+            error_domain=ERROR_DOMAIN,
+            authenticator=build_authenticator(settings.auth, settings.grpc, redis),
         )
         knowledge_bases = RedisKnowledgeBases(redis)
         index = await open_index(settings)

@@ -9,7 +9,13 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.common.settings import GrpcSettings, LogSettings, RedisSettings, S3Settings
+from services.common.settings import (
+    AuthSettings,
+    GrpcSettings,
+    LogSettings,
+    RedisSettings,
+    S3Settings,
+)
 
 
 class TaskManagerLink(BaseModel):
@@ -157,3 +163,4 @@ class KnowledgeSettings(BaseSettings):
     search: SearchSettings = SearchSettings()
     ingest: IngestSettings = IngestSettings()
     embedding: EmbeddingSettings = EmbeddingSettings()
+    auth: AuthSettings = AuthSettings()

@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 
 from kbmesh.knowledge.v1 import knowledge_pb2
 from kbmesh.taskmanager.v1 import task_manager_pb2_grpc, worker_pb2_grpc
+from services.common.auth import build_authenticator
 from services.common.connections import open_redis, open_s3
 from services.common.host import ServiceHost
 from services.task_manager.adapters.redis_callbacks import RedisCallbackOutbox
@@ -82,6 +83,7 @@ async def build_app(settings: TaskManagerSettings) -> AsyncIterator[TaskManagerA
     async with AsyncExitStack() as stack:
         redis = await stack.enter_async_context(open_redis(settings.redis))
         s3 = await stack.enter_async_context(open_s3(settings.s3))
+        authenticator = build_authenticator(settings.auth, settings.grpc, redis)
         host = ServiceHost(
             "task-manager",
             settings.grpc,
@@ -89,6 +91,7 @@ async def build_app(settings: TaskManagerSettings) -> AsyncIterator[TaskManagerA
             error_domain=ERROR_DOMAIN,
             # Through Envoy the gateway serves the Knowledge Service too.
             mesh_services=[TASK_MANAGER_SERVICE, WORKER_SERVICE, KNOWLEDGE_SERVICE],
+            authenticator=authenticator,
         )
         limits = settings.uploads
         tasks = RedisTaskStore(redis, request_id_ttl_seconds=limits.request_id_ttl_seconds)

@@ -5,7 +5,13 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.common.settings import GrpcSettings, LogSettings, RedisSettings, S3Settings
+from services.common.settings import (
+    AuthSettings,
+    GrpcSettings,
+    LogSettings,
+    RedisSettings,
+    S3Settings,
+)
 
 
 class UploadSettings(BaseModel):
@@ -110,3 +116,4 @@ class TaskManagerSettings(BaseSettings):
     uploads: UploadSettings = UploadSettings()
     callbacks: CallbackSettings = CallbackSettings()
     dispatch: DispatchSettings = DispatchSettings()
+    auth: AuthSettings = AuthSettings()

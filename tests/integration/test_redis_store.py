@@ -17,6 +17,7 @@ from devstack import servers
 from services.common import redis_keys
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from services.common.ids import new_id
+from services.common.settings import DEFAULT_TENANT
 from services.task_manager.adapters.redis_store import (
     RedisTaskStore,
     decode_event,
@@ -294,8 +295,8 @@ async def test_resent_create_of_the_same_task_counts_once(store: RedisTaskStore)
 async def test_missing_knowledge_base_is_checked_inside_the_script(
     store: RedisTaskStore, client: Redis
 ) -> None:
-    assert await store.knowledge_base_exists(KB)
-    assert not await store.knowledge_base_exists("nope")
+    assert await store.knowledge_base_tenant(KB) == DEFAULT_TENANT
+    assert await store.knowledge_base_tenant("nope") is None
     # Deleted between the upload's first check and the task's creation.
     await client.delete(redis_keys.knowledge_base(KB))
 
@@ -688,7 +689,7 @@ async def test_redis_down_is_unavailable(start_redis: RedisFactory) -> None:
         for call in (
             store.get_task(task.id),
             store.queue_depth(),
-            store.knowledge_base_exists(KB),
+            store.knowledge_base_tenant(KB),
             store.create_ingestion(new_task(), "", force=False),
             store.list_tasks("", None, 10, ""),
             store.cancel(task.id, ""),

@@ -24,6 +24,7 @@ from services.common.errors import (
     ResourceExhausted,
 )
 from services.common.ids import new_id
+from services.common.settings import DEFAULT_TENANT
 from services.task_manager.domain.model import Chunking, Task, TaskState
 from services.task_manager.domain.ports import CreateOutcome, ObjectStore, TaskStore
 
@@ -65,6 +66,8 @@ class UploadHeader:
     priority: int = 0
     force: bool = False
     metadata: dict[str, str] = field(default_factory=dict)
+    # The caller's tenant (from its credentials, not from the message).
+    tenant: str = DEFAULT_TENANT
 
 
 @dataclass(frozen=True)
@@ -212,7 +215,8 @@ class Uploads:
 
     async def _upload(self, header: UploadHeader, chunks: AsyncIterator[bytes]) -> UploadResult:
         kb = header.knowledge_base_id
-        if not await self._tasks.knowledge_base_exists(kb):
+        # Another tenant's knowledge base is one that does not exist.
+        if await self._tasks.knowledge_base_tenant(kb) != header.tenant:
             raise NotFound(
                 "KNOWLEDGE_BASE_NOT_FOUND",
                 f"knowledge base {kb!r} does not exist",
@@ -233,7 +237,9 @@ class Uploads:
             raise self._busy("QUEUE_FULL", "the task queue is full; retry later")
 
         content_type = guess_content_type(header)
-        object_key = f"kb/{kb}/objects/{new_id()}"
+        # Under the tenant's prefix: a key built for one tenant never names
+        # another's object.
+        object_key = f"kb/{header.tenant}/{kb}/objects/{new_id()}"
         size, sha256, last_byte = await self._store(header, object_key, content_type, chunks)
         created = now_ms()
         task = Task(
@@ -253,6 +259,7 @@ class Uploads:
             callback_url=header.callback_url,
             chunking=header.chunking,
             metadata=dict(header.metadata),
+            tenant=header.tenant,
         )
         try:
             outcome: CreateOutcome = await self._tasks.create_ingestion(
