@@ -222,9 +222,9 @@ async def test_create_then_get_round_trip(store: RedisTaskStore, client: Redis) 
     assert await members(client, redis_keys.kb_documents(KB)) == [task.document_id]
     assert await client.get(redis_keys.kb_content(KB, task.sha256)) == task.document_id.encode()
     for key in (
-        redis_keys.TASKS,
+        redis_keys.tenant_tasks(DEFAULT_TENANT),
         redis_keys.kb_tasks(KB),
-        redis_keys.tasks_in_state("PENDING"),
+        redis_keys.tasks_in_state(DEFAULT_TENANT, "PENDING"),
         redis_keys.kb_tasks_in_state(KB, "PENDING"),
     ):
         assert await client.zscore(key, task.id) == task.create_time_ms
@@ -434,9 +434,9 @@ async def test_cancel_pending_removes_it_from_the_queue(
     assert "wrong file" in cancelled.message
     assert await store.get_task(task.id) == cancelled
     assert await store.queue_depth() == 0
-    assert await members(client, redis_keys.tasks_in_state("PENDING")) == []
+    assert await members(client, redis_keys.tasks_in_state(DEFAULT_TENANT, "PENDING")) == []
     assert await members(client, redis_keys.kb_tasks_in_state(KB, "PENDING")) == []
-    assert set(await members(client, redis_keys.tasks_in_state("CANCELLED"))) == {
+    assert set(await members(client, redis_keys.tasks_in_state(DEFAULT_TENANT, "CANCELLED"))) == {
         task.id,
         backing_off.id,
     }
@@ -455,7 +455,9 @@ async def test_cancel_running_asks_the_worker(store: RedisTaskStore, client: Red
     assert asked.state is TaskState.RUNNING
     assert asked.cancel_requested
     assert again == asked
-    assert await members(client, redis_keys.tasks_in_state("RUNNING")) == [running.id]
+    assert await members(client, redis_keys.tasks_in_state(DEFAULT_TENANT, "RUNNING")) == [
+        running.id
+    ]
     log = await events(client, running.id)
     assert len(log) == 3  # created, started, cancel requested: the repeat adds nothing
     assert log[-1].task.cancel_requested
@@ -492,7 +494,7 @@ async def test_retry_requeues_failed_and_cancelled_tasks(
     assert retried.worker_id == ""
     assert retried.end_time_ms == 0
     assert await members(client, redis_keys.QUEUE_READY) == [failed.id]
-    assert await members(client, redis_keys.tasks_in_state("FAILED")) == []
+    assert await members(client, redis_keys.tasks_in_state(DEFAULT_TENANT, "FAILED")) == []
     assert await members(client, redis_keys.kb_tasks_in_state(KB, "PENDING")) == [failed.id]
     log = await events(client, failed.id)
     assert log[-2].task.error == failed.error  # the error stays in the history
