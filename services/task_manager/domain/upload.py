@@ -180,6 +180,12 @@ def guess_content_type(header: UploadHeader) -> str:
     return guessed or "application/octet-stream"
 
 
+def object_prefix(tenant: str, knowledge_base_id: str) -> str:
+    """Where a knowledge base's uploaded objects live: under the tenant's own
+    prefix, so a key or listing built for one tenant never reaches another's."""
+    return f"kb/{tenant}/{knowledge_base_id}/"
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -239,7 +245,7 @@ class Uploads:
         content_type = guess_content_type(header)
         # Under the tenant's prefix: a key built for one tenant never names
         # another's object.
-        object_key = f"kb/{header.tenant}/{kb}/objects/{new_id()}"
+        object_key = f"{object_prefix(header.tenant, kb)}objects/{new_id()}"
         size, sha256, last_byte = await self._store(header, object_key, content_type, chunks)
         created = now_ms()
         task = Task(
