@@ -18,6 +18,7 @@ from services.common.connections import open_redis, open_s3
 from services.common.host import ServiceHost
 from services.task_manager.adapters.redis_callbacks import RedisCallbackOutbox
 from services.task_manager.adapters.redis_dispatch import RedisDispatchQueue
+from services.task_manager.adapters.redis_quotas import QuotaLimits, RedisQuotas
 from services.task_manager.adapters.redis_store import RedisTaskStore
 from services.task_manager.adapters.s3_storage import S3ObjectStore
 from services.task_manager.api import (
@@ -111,6 +112,14 @@ async def build_app(settings: TaskManagerSettings) -> AsyncIterator[TaskManagerA
                 max_attempts=limits.max_attempts,
                 callback_allow_list=limits.callback_allow_list,
                 retry_after_seconds=limits.retry_after_seconds,
+            ),
+            RedisQuotas(
+                redis,
+                QuotaLimits(
+                    uploads_per_minute=limits.tenant_uploads_per_minute,
+                    storage_bytes=limits.tenant_storage_bytes,
+                    documents=limits.tenant_documents,
+                ),
             ),
         )
         callbacks = CallbackSender(

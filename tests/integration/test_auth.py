@@ -8,6 +8,8 @@ descriptors, so an RPC added later is covered without touching this file.
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -19,15 +21,16 @@ from google.protobuf import descriptor
 from google.protobuf.message_factory import GetMessageClass
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from devstack.servers import DEV_WORKER_TOKEN
+from devstack.servers import DEV_WORKER_TOKEN, ServiceKind, StartError
 from kbmesh.knowledge.v1 import knowledge_pb2 as kn
 from kbmesh.knowledge.v1 import knowledge_pb2_grpc as kn_grpc
 from kbmesh.taskmanager.v1 import task_manager_pb2 as tm
 from kbmesh.taskmanager.v1 import task_manager_pb2_grpc as tm_grpc
 from kbmesh.taskmanager.v1 import worker_pb2 as wk
 from kbmesh.taskmanager.v1 import worker_pb2_grpc as wk_grpc
-from tests.conftest import Stack
-from tests.support import error_info
+from services.common.auth import parse_key
+from tests.conftest import ServiceFactory, Stack
+from tests.support import error_info, upload_messages
 
 TM_SERVICE = tm.DESCRIPTOR.services_by_name["TaskManagerService"]
 KS_SERVICE = kn.DESCRIPTOR.services_by_name["KnowledgeService"]
@@ -168,7 +171,7 @@ async def test_a_key_opens_both_services_directly_and_through_envoy(auth_stack: 
 async def test_a_revoked_key_stops_working_at_once(auth_stack: Stack) -> None:
     from redis.asyncio import Redis
 
-    from services.common.auth import ApiKeys, parse_key
+    from services.common.auth import ApiKeys
 
     key = auth_stack.new_key("revoking")
     metadata = (("authorization", f"Bearer {key}"),)
@@ -246,3 +249,76 @@ async def test_a_tenant_key_cannot_open_a_worker_stream(auth_stack: Stack) -> No
                 pass
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert error_info(refused.value).reason == "WORKER_UNAUTHENTICATED"
+
+
+def test_the_admin_command_creates_lists_and_revokes_keys(auth_stack: Stack) -> None:
+    def admin(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "services.admin", "--redis-url", auth_stack.redis_url, *args],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+
+    created = admin("keys", "create", "--tenant", "cli-tenant", "--name", "laptop")
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip()
+    parsed = parse_key(key)
+    assert parsed is not None
+    listed = admin("keys", "list", "--tenant", "cli-tenant")
+    assert parsed[0] in listed.stdout
+    assert "laptop" in listed.stdout
+    assert parsed[1] not in listed.stdout  # never the secret
+    assert admin("keys", "create", "--tenant", "Bad:Tenant").returncode == 2
+    revoked = admin("keys", "revoke", parsed[0])
+    assert revoked.returncode == 0, revoked.stderr
+    assert parsed[0] not in admin("keys", "list").stdout
+    assert admin("keys", "revoke", parsed[0]).returncode == 1
+
+
+async def test_the_knowledge_service_cancels_tasks_with_the_callers_key(auth_stack: Stack) -> None:
+    """DeleteDocument cancels the pending task through the Task Manager, on the
+    caller's behalf (its credentials are forwarded)."""
+    key = auth_stack.new_key("forwarding")
+    metadata = (("authorization", f"Bearer {key}"),)
+    async with (
+        grpc.aio.insecure_channel(auth_stack.ks_address) as ks_channel,
+        grpc.aio.insecure_channel(auth_stack.tm_address) as tm_channel,
+    ):
+        knowledge = kn_grpc.KnowledgeServiceStub(ks_channel)
+        tasks = tm_grpc.TaskManagerServiceStub(tm_channel)
+        kb = await knowledge.CreateKnowledgeBase(
+            kn.CreateKnowledgeBaseRequest(knowledge_base=kn.KnowledgeBase(name="forwarded")),
+            metadata=metadata,
+        )
+        uploaded = await tasks.Upload(
+            upload_messages(b"to be deleted", knowledge_base_id=kb.id, filename="d.txt"),
+            metadata=metadata,
+        )
+        await knowledge.DeleteDocument(
+            kn.DeleteDocumentRequest(knowledge_base_id=kb.id, document_id=uploaded.document_id),
+            metadata=metadata,
+        )
+        task = await tasks.GetTask(tm.GetTaskRequest(task_id=uploaded.task_id), metadata=metadata)
+        assert task.state == tm.Task.STATE_CANCELLED
+
+
+@pytest.mark.parametrize("kind", ["task_manager", "knowledge"])
+def test_auth_off_refuses_a_non_loopback_address(
+    start_service: ServiceFactory, kind: ServiceKind
+) -> None:
+    prefix = "KBMESH_TASK_MANAGER_" if kind == "task_manager" else "KBMESH_KNOWLEDGE_"
+    with pytest.raises(StartError) as refused:
+        start_service(
+            kind,
+            task_manager_address="127.0.0.1:1",
+            env={f"{prefix}GRPC__HOST": "0.0.0.0"},
+            timeout=30,
+        )
+    assert "auth.mode=off is only allowed on a loopback address" in str(refused.value)
+
+
+def test_auth_off_on_loopback_says_so_loudly(start_service: ServiceFactory) -> None:
+    service = start_service("task_manager")
+    assert "AUTHENTICATION IS OFF" in service.log_path.read_text()

@@ -16,17 +16,25 @@ from typing import Any
 from redis.asyncio import Redis
 
 from services.common import redis_keys
+from services.common.auth import caller_tenant
 from services.common.redis_pages import newest_first, page_size
+from services.common.settings import DEFAULT_TENANT
 from services.knowledge.domain.documents import Document, DocumentError, DocumentPage
 
 _TASK_FIELDS = ("state", "stage", "progress", "error", "result", "update_time_ms")
 # How long a DeleteDocument request_id is remembered.
 DELETE_REQUEST_TTL_SECONDS = 86_400
 
-# KEYS: document record, kb_documents, kb_content(kb, sha256), request key.
-# ARGV: document id, outcome, ttl. The content key is removed only while it
-# still names this document (a newer upload of the same bytes may hold it).
+# KEYS: document record, kb_documents, kb_content(kb, sha256), request key,
+# the tenant's usage. ARGV: document id, outcome, ttl, tenant. The content key
+# is removed only while it still names this document (a newer upload of the
+# same bytes may hold it); the tenant's usage (quotas) gives back its bytes.
 _DELETE = """
+local owner, size = unpack(redis.call('HMGET', KEYS[1], 'tenant', 'size_bytes'))
+if size and (owner or ARGV[5]) == ARGV[4] then
+  redis.call('HINCRBY', KEYS[5], 'bytes', -tonumber(size))
+  redis.call('HINCRBY', KEYS[5], 'documents', -1)
+end
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 if redis.call('GET', KEYS[3]) == ARGV[1] then redis.call('DEL', KEYS[3]) end
@@ -133,8 +141,15 @@ class RedisDocuments:
                 redis_keys.kb_documents(document.knowledge_base_id),
                 redis_keys.kb_content(document.knowledge_base_id, document.sha256),
                 request_key,
+                redis_keys.tenant_usage(caller_tenant()),
             ],
-            args=[document.id, outcome, DELETE_REQUEST_TTL_SECONDS],
+            args=[
+                document.id,
+                outcome,
+                DELETE_REQUEST_TTL_SECONDS,
+                caller_tenant(),
+                DEFAULT_TENANT,
+            ],
         )
 
     async def deleted_by_request(self, document_id: str, request_id: str) -> str | None:

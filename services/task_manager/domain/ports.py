@@ -53,6 +53,17 @@ class CreateOutcome:
     duplicate: bool = False
 
 
+class Quotas(Protocol):
+    """Per-tenant quotas (adapters/redis_quotas.py)."""
+
+    async def admit(self, tenant: str, declared_bytes: int) -> int | None:
+        """Counts an upload; the bytes the tenant may still store (None: no
+        limit). Raises ResourceExhausted when a quota is used up."""
+
+    async def stored(self, tenant: str, size_bytes: int) -> None:
+        """Adds a stored document to the tenant's usage."""
+
+
 class TaskStore(Protocol):
     async def knowledge_base_tenant(self, knowledge_base_id: str) -> str | None:
         """The tenant owning the knowledge base; None when it does not exist."""

@@ -26,7 +26,7 @@ from services.common.errors import (
 from services.common.ids import new_id
 from services.common.settings import DEFAULT_TENANT
 from services.task_manager.domain.model import Chunking, Task, TaskState
-from services.task_manager.domain.ports import CreateOutcome, ObjectStore, TaskStore
+from services.task_manager.domain.ports import CreateOutcome, ObjectStore, Quotas, TaskStore
 
 MAX_FILENAME_CHARS = 255
 MAX_REQUEST_ID_CHARS = 128
@@ -186,6 +186,19 @@ def object_prefix(tenant: str, knowledge_base_id: str) -> str:
     return f"kb/{tenant}/{knowledge_base_id}/"
 
 
+async def _at_most(chunks: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
+    """`chunks`, failing once more than `limit` bytes came (the tenant's quota)."""
+    size = 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise ResourceExhausted(
+                "TENANT_STORAGE_QUOTA_EXCEEDED",
+                "this upload would exceed the tenant's storage quota",
+            )
+        yield chunk
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -193,10 +206,17 @@ def now_ms() -> int:
 class Uploads:
     """Runs uploads against a TaskStore and an ObjectStore, under admission control."""
 
-    def __init__(self, tasks: TaskStore, objects: ObjectStore, limits: UploadLimits) -> None:
+    def __init__(
+        self,
+        tasks: TaskStore,
+        objects: ObjectStore,
+        limits: UploadLimits,
+        quotas: Quotas | None = None,
+    ) -> None:
         self._tasks = tasks
         self._objects = objects
         self._limits = limits
+        self._quotas = quotas
         self._in_flight = 0
 
     @property
@@ -241,6 +261,10 @@ class Uploads:
             raise too_large(limit)
         if await self._tasks.queue_depth() >= self._limits.max_queue_depth:
             raise self._busy("QUEUE_FULL", "the task queue is full; retry later")
+        if self._quotas is not None:
+            left = await self._quotas.admit(header.tenant, header.declared_size_bytes)
+            if left is not None:
+                chunks = _at_most(chunks, left)
 
         content_type = guess_content_type(header)
         # Under the tenant's prefix: a key built for one tenant never names
@@ -276,6 +300,8 @@ class Uploads:
             raise
         if not outcome.created:
             await self._objects.delete(object_key)
+        elif self._quotas is not None:
+            await self._quotas.stored(header.tenant, size)
         return UploadResult(
             outcome.task,
             duplicate=outcome.duplicate,
