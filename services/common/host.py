@@ -21,9 +21,10 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha._async import ReflectionServicer
 
-from services.common.auth import ApiKeyAuth, Authenticator
+from services.common.auth import OPEN_SERVICES, ApiKeyAuth, Authenticator
 from services.common.settings import GrpcSettings
 from services.common.status import ErrorTranslation
+from services.common.validation import StringBounds
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,8 @@ class ServiceHost:
         interceptors: list[Any] = [ErrorTranslation(error_domain)]
         if authenticator is not None:
             interceptors.append(ApiKeyAuth(authenticator))
+        # Then a length bound on every string of every public request.
+        interceptors.append(StringBounds(OPEN_SERVICES))
         self.server = grpc.aio.server(interceptors=interceptors, options=options)
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
