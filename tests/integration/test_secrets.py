@@ -38,7 +38,8 @@ async def redis_values(url: str) -> str:
     out: list[str] = []
     try:
         async for key in client.scan_iter(count=1000):
-            kind = (await client.type(key)).decode()
+            raw_kind: Any = await client.type(key)
+            kind = raw_kind.decode()
             out.append(key.decode(errors="replace"))
             if kind == "string":
                 out.append(repr(await client.get(key)))
