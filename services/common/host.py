@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha._async import ReflectionServicer
 from services.common.auth import OPEN_SERVICES, ApiKeyAuth, Authenticator
 from services.common.settings import GrpcSettings
 from services.common.status import ErrorTranslation
+from services.common.tls import server_credentials
 from services.common.validation import StringBounds
 
 log = logging.getLogger(__name__)
@@ -118,11 +119,22 @@ class ServiceHost:
     async def start(self) -> int:
         """Binds and starts serving; health stays NOT_SERVING until `set_serving`."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self.server.add_insecure_port(self.settings.address)
+        credentials = server_credentials(self.settings)
+        if credentials is None:
+            self.port = self.server.add_insecure_port(self.settings.address)
+        else:  # TLS only: a plaintext client fails the handshake
+            self.port = self.server.add_secure_port(self.settings.address, credentials)
         if self.port == 0:
             raise RuntimeError(f"{self.name}: could not bind {self.settings.address}")
         await self.server.start()
-        log.info("listening", extra={"address": f"{self.settings.host}:{self.port}"})
+        log.info(
+            "listening",
+            extra={
+                "address": f"{self.settings.host}:{self.port}",
+                "tls": credentials is not None,
+                "client_certs": bool(self.settings.tls_client_ca_file),
+            },
+        )
         return self.port
 
     async def set_serving(self, serving: bool) -> None:

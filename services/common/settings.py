@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 
 class _Group(BaseModel):
@@ -30,6 +30,22 @@ class GrpcSettings(_Group):
     # of the service. Bounds memory per upload; throughput per stream over a
     # link is at most window / round-trip time (2 MiB at 20 ms: 100 MiB/s).
     stream_window_bytes: int = Field(default=2 * 1024 * 1024, ge=64 * 1024, le=64 * 1024 * 1024)
+    # TLS (docs/security.md): with a certificate and key (PEM files) the server
+    # listens with TLS only; plaintext connections are refused.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    # mTLS: every client must present a certificate signed by this CA (PEM).
+    # Clients of the Task Manager are its workers, the Knowledge Service and
+    # the gateway; gRPC cannot ask for client certificates on one service only.
+    tls_client_ca_file: str = ""
+
+    @model_validator(mode="after")
+    def _tls_consistent(self) -> GrpcSettings:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("grpc.tls_cert_file and grpc.tls_key_file go together")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("grpc.tls_client_ca_file needs grpc.tls_cert_file (TLS)")
+        return self
 
     @property
     def address(self) -> str:
@@ -83,3 +99,21 @@ class AuthSettings(_Group):
     mode: Literal["api_keys", "off"] = "api_keys"
     # The tenant every caller is when `mode` is off.
     default_tenant: str = Field(default=DEFAULT_TENANT, pattern=TENANT_PATTERN)
+
+
+class TlsClientSettings(_Group):
+    """How a client (worker, Knowledge Service) reaches a TLS server: trust
+    `ca_file` (PEM; set: TLS on), and present `cert_file` + `key_file` as its
+    client certificate (mTLS) when given."""
+
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TlsClientSettings:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("tls.cert_file and tls.key_file go together")
+        if self.cert_file and not self.ca_file:
+            raise ValueError("a client certificate needs tls.ca_file (TLS)")
+        return self

@@ -15,6 +15,7 @@ from services.common.settings import (
     LogSettings,
     RedisSettings,
     S3Settings,
+    TlsClientSettings,
 )
 
 
@@ -24,6 +25,8 @@ class TaskManagerLink(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     address: str = "127.0.0.1:50051"
+    # TLS to the Task Manager (and the worker's client certificate for mTLS).
+    tls: TlsClientSettings = TlsClientSettings()
 
 
 class WorkerSettings(BaseModel):
