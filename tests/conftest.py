@@ -44,7 +44,9 @@ Fixtures (scope) — for type annotations import the classes from
 ``start_envoy`` (function) -> EnvoyFactory
     ``start_envoy(task_manager=[addr, ...], knowledge=[addr, ...])`` renders
     gateway/envoy.yaml for those upstreams (several = replicas) and returns
-    an EnvoyServer (``.http_url``, ``.admin_url``, ``.grpc_address``).
+    an EnvoyServer (``.http_url``, ``.admin_url``, ``.grpc_address``);
+    ``tls=EnvoyTls(port, cert_file, key_file)`` adds a TLS listener with the
+    same routes (``.https_url``).
 ``stack`` (module) -> Stack
     The whole mesh for one test module: a private Redis, a fresh bucket on
     ``s3_server``, a Task Manager, a Knowledge Service and Envoy in front of
@@ -71,6 +73,7 @@ from devstack import servers
 from devstack.servers import (
     DEFAULT_DESCRIPTOR,
     EnvoyServer,
+    EnvoyTls,
     RedisServer,
     S3Settings,
     SeaweedServer,
@@ -253,6 +256,7 @@ class EnvoyFactory:
         task_manager: Sequence[str],
         knowledge: Sequence[str],
         descriptor: Path = DEFAULT_DESCRIPTOR,
+        tls: EnvoyTls | None = None,
     ) -> EnvoyServer:
         here = self._launcher.workdir("envoy")
         return self._launcher.track(
@@ -264,6 +268,7 @@ class EnvoyFactory:
                 log_path=here / "envoy.log",
                 descriptor=descriptor,
                 concurrency=1,
+                tls=tls,
             )
         )
 

@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import grpc
 import pytest
 from cryptography import x509
@@ -21,7 +23,15 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import SecretStr
 
-from devstack.servers import DEV_WORKER_TOKEN, RedisServer, SeaweedServer
+from devstack.servers import (
+    DEV_WORKER_TOKEN,
+    EnvoyTls,
+    RedisServer,
+    SeaweedServer,
+    find_free_port,
+)
+from kbmesh.knowledge.v1 import knowledge_pb2 as kn
+from kbmesh.knowledge.v1 import knowledge_pb2_grpc as kn_grpc
 from kbmesh.taskmanager.v1 import task_manager_pb2 as tm
 from kbmesh.taskmanager.v1 import task_manager_pb2_grpc as tm_grpc
 from kbmesh.taskmanager.v1 import worker_pb2 as wk
@@ -36,7 +46,7 @@ from services.common.settings import (
 from services.common.tls import open_channel
 from services.task_manager.app import build_app
 from services.task_manager.settings import DispatchSettings, TaskManagerSettings
-from tests.conftest import WorkerFactory
+from tests.conftest import EnvoyFactory, Stack, WorkerFactory
 
 pytestmark = pytest.mark.integration
 
@@ -248,3 +258,33 @@ async def test_a_worker_process_connects_over_mtls(
         )
         assert "mtls-worker" in worker.log_path.read_text()
         await asyncio.to_thread(worker.stop)
+
+
+async def test_envoy_terminates_tls_for_browsers(
+    auth_stack: Stack, start_envoy: EnvoyFactory, pki: Pki
+) -> None:
+    envoy = start_envoy(
+        task_manager=[auth_stack.tm_address],
+        knowledge=[auth_stack.ks_address],
+        tls=EnvoyTls(find_free_port(), pki.server_cert, pki.server_key),
+    )
+    key = auth_stack.new_key("browser")
+    trust = ssl.create_default_context(cafile=str(pki.ca))
+    async with aiohttp.ClientSession(base_url=envoy.https_url) as session:
+        path = "/api/v1/knowledge-bases"
+        async with session.get(path, ssl=trust) as response:
+            assert response.status == 401
+        headers = {"Authorization": f"Bearer {key}"}
+        async with session.get(path, ssl=trust, headers=headers) as response:
+            assert response.status == 200, await response.text()
+    # gRPC over the same TLS listener (ALPN h2).
+    address = envoy.https_url.removeprefix("https://")
+    async with open_channel(address, tls(pki)) as channel:
+        await kn_grpc.KnowledgeServiceStub(channel).ListKnowledgeBases(
+            kn.ListKnowledgeBasesRequest(), metadata=(("authorization", f"Bearer {key}"),)
+        )
+    # The TLS port does not speak plaintext.
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(aiohttp.ClientError):
+            async with session.get(f"http://{address}{path}"):
+                pass
