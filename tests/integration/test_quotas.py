@@ -13,11 +13,16 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
+from redis.asyncio import Redis
 
+from devstack.servers import RedisServer
 from kbmesh.knowledge.v1 import knowledge_pb2 as kn
 from kbmesh.knowledge.v1 import knowledge_pb2_grpc as kn_grpc
 from kbmesh.taskmanager.v1 import task_manager_pb2 as tm
 from kbmesh.taskmanager.v1 import task_manager_pb2_grpc as tm_grpc
+from services.common.errors import ResourceExhausted
+from services.common.ids import new_id
+from services.task_manager.adapters.redis_quotas import QuotaLimits, RedisQuotas
 from tests.conftest import RedisFactory, ServiceFactory, issue_key
 from tests.support import error_info, retry_delay_seconds, upload_messages
 
@@ -123,3 +128,20 @@ async def test_stored_bytes_are_limited_per_tenant_and_given_back_on_delete(mesh
         upload_messages(b"c" * 600, knowledge_base_id=kb, filename="c.txt"), metadata=metadata
     )
     assert again.task_id
+
+
+async def test_the_document_quota_counts_stored_documents(redis_server: RedisServer) -> None:
+    client = Redis.from_url(redis_server.url)
+    try:
+        tenant = f"docs-{new_id()}"  # a fresh tenant on the shared Redis
+        quotas = RedisQuotas(client, QuotaLimits(documents=2, storage_bytes=100))
+        for size in (10, 20):
+            assert await quotas.admit(tenant, 0) is not None
+            await quotas.stored(tenant, size)
+        with pytest.raises(ResourceExhausted) as refused:
+            await quotas.admit(tenant, 0)
+        assert refused.value.reason == "TENANT_DOCUMENT_QUOTA_EXCEEDED"
+        # Another tenant has its own count; bytes left are what the quota leaves.
+        assert await quotas.admit(f"other-{tenant}", 0) == 100
+    finally:
+        await client.aclose()
