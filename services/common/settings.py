@@ -66,6 +66,9 @@ class RedisSettings(_Group):
     url: SecretStr = SecretStr("redis://127.0.0.1:6390/0")
     # How long start-up waits for Redis to answer before giving up.
     connect_timeout_seconds: float = Field(default=30.0, gt=0)
+    # Connections the service may open (redis-py's default is 100: fewer than
+    # the uploads one replica admits at once, each of which holds one briefly).
+    max_connections: int = Field(default=1024, ge=1)
 
 
 class S3Settings(_Group):

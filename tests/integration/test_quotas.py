@@ -20,6 +20,7 @@ from kbmesh.knowledge.v1 import knowledge_pb2 as kn
 from kbmesh.knowledge.v1 import knowledge_pb2_grpc as kn_grpc
 from kbmesh.taskmanager.v1 import task_manager_pb2 as tm
 from kbmesh.taskmanager.v1 import task_manager_pb2_grpc as tm_grpc
+from services.common import redis_keys
 from services.common.errors import ResourceExhausted
 from services.common.ids import new_id
 from services.task_manager.adapters.redis_quotas import QuotaLimits, RedisQuotas
@@ -135,9 +136,10 @@ async def test_the_document_quota_counts_stored_documents(redis_server: RedisSer
     try:
         tenant = f"docs-{new_id()}"  # a fresh tenant on the shared Redis
         quotas = RedisQuotas(client, QuotaLimits(documents=2, storage_bytes=100))
-        for size in (10, 20):
+        for size in (10, 20):  # what the task-creating script adds per document
             assert await quotas.admit(tenant, 0) is not None
-            await quotas.stored(tenant, size)
+            await client.hincrby(redis_keys.tenant_usage(tenant), "bytes", size)
+            await client.hincrby(redis_keys.tenant_usage(tenant), "documents", 1)
         with pytest.raises(ResourceExhausted) as refused:
             await quotas.admit(tenant, 0)
         assert refused.value.reason == "TENANT_DOCUMENT_QUOTA_EXCEEDED"

@@ -1,8 +1,9 @@
 """Per-tenant quotas in Redis: uploads per minute, stored bytes, documents.
 
 Usage is the hash `redis_keys.tenant_usage(tenant)` (fields `bytes`,
-`documents`): an upload adds its size once its task exists, deleting a
-document gives it back (the Knowledge Service's delete script). Uploads per
+`documents`): the script that creates an upload's task adds its size
+(adapters/redis_store.py), deleting a document gives it back (the Knowledge
+Service's delete script). Uploads per
 minute count in `redis_keys.tenant_uploads(tenant, minute)`, which expires.
 Checks happen before the bytes are stored, and the stored size is capped at
 what is left while streaming; uploads running at the same moment may together
@@ -80,10 +81,3 @@ class RedisQuotas:
                 metadata={"limit_bytes": str(limits.storage_bytes)},
             )
         return left
-
-    @redis_boundary
-    async def stored(self, tenant: str, size_bytes: int) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hincrby(redis_keys.tenant_usage(tenant), "bytes", size_bytes)
-            pipe.hincrby(redis_keys.tenant_usage(tenant), "documents", 1)
-            await pipe.execute()

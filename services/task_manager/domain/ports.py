@@ -58,10 +58,8 @@ class Quotas(Protocol):
 
     async def admit(self, tenant: str, declared_bytes: int) -> int | None:
         """Counts an upload; the bytes the tenant may still store (None: no
-        limit). Raises ResourceExhausted when a quota is used up."""
-
-    async def stored(self, tenant: str, size_bytes: int) -> None:
-        """Adds a stored document to the tenant's usage."""
+        limit). Raises ResourceExhausted when a quota is used up. (Usage grows
+        in the same step that creates the task: TaskStore.create_ingestion.)"""
 
 
 class TaskStore(Protocol):

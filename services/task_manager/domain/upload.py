@@ -300,8 +300,6 @@ class Uploads:
             raise
         if not outcome.created:
             await self._objects.delete(object_key)
-        elif self._quotas is not None:
-            await self._quotas.stored(header.tenant, size)
         return UploadResult(
             outcome.task,
             duplicate=outcome.duplicate,
