@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 from redis.asyncio import Redis
 
+from devstack.servers import RedisServer, find_free_port
 from kbmesh.knowledge.v1 import knowledge_pb2 as kn
 from kbmesh.knowledge.v1 import knowledge_pb2_grpc as kn_grpc
 from kbmesh.taskmanager.v1 import task_manager_pb2 as tm
@@ -26,6 +31,7 @@ from tests.conftest import RedisFactory, ServiceFactory, WorkerFactory
 from tests.support import upload_messages
 
 pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
 
 CALLBACK_SECRET = "cb-SECRET-7f3a9e"
 WORKER_TOKEN = "wk-SECRET-41c2d8"
@@ -148,3 +154,33 @@ async def test_no_secret_in_logs_answers_or_records(
         assert secret not in logs, f"{what} in the logs"
         assert secret not in "\n".join(answers), f"{what} in an answer"
         assert secret not in stored, f"{what} stored in Redis"
+
+
+@pytest.mark.parametrize("reachable", [False, True], ids=["unreachable", "wrong-password"])
+def test_a_redis_password_never_reaches_the_start_up_error(
+    redis_server: RedisServer, reachable: bool
+) -> None:
+    password = "pw-SECRET-5d0c1a"
+    where = redis_server.url.split("//", 1)[1] if reachable else f"127.0.0.1:{find_free_port()}/0"
+    env = {
+        **os.environ,
+        "KBMESH_TASK_MANAGER_GRPC__PORT": str(find_free_port()),
+        "KBMESH_TASK_MANAGER_REDIS__URL": f"redis://:{password}@{where}",
+        "KBMESH_TASK_MANAGER_REDIS__CONNECT_TIMEOUT_SECONDS": "1",
+        # Past Redis (a Redis without a password takes any), S3 is not there.
+        "KBMESH_TASK_MANAGER_S3__ENDPOINT_URL": f"http://127.0.0.1:{find_free_port()}",
+        "KBMESH_TASK_MANAGER_S3__CONNECT_TIMEOUT_SECONDS": "1",
+        "KBMESH_TASK_MANAGER_LOG__LEVEL": "DEBUG",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "services.task_manager"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert "cannot start:" in done.stderr
+    assert password not in done.stdout + done.stderr
