@@ -255,3 +255,22 @@ async def test_through_envoy_another_tenants_resources_are_404(
         # The owner still has everything.
         async with session.get(f"/api/v1/tasks/{task}", headers=world.a.headers) as response:
             assert response.status == 200
+
+
+async def test_a_half_deleted_knowledge_base_stays_its_owners(
+    world: World, auth_stack: Stack
+) -> None:
+    """A deletion that stopped after removing the record (its retry finishes the
+    job) cannot be finished, or observed, by another tenant."""
+    client = Redis.from_url(auth_stack.redis_url)
+    try:  # what DeleteKnowledgeBase does first: the record goes
+        await client.delete(redis_keys.knowledge_base(world.kb_id))
+    finally:
+        await client.aclose()
+    request = kn.DeleteKnowledgeBaseRequest(knowledge_base_id=world.kb_id)
+    await not_found(
+        world.b.kb.DeleteKnowledgeBase(request, metadata=world.b.metadata),
+        "KNOWLEDGE_BASE_NOT_FOUND",
+    )
+    done = await world.a.kb.DeleteKnowledgeBase(request, metadata=world.a.metadata)
+    assert done.deleted_document_count == 1

@@ -16,7 +16,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from services.common import redis_keys
-from services.common.auth import caller_tenant
+from services.common.auth import caller_tenant, current_tenant
 from services.common.redis_pages import newest_first, page_size
 from services.common.settings import DEFAULT_TENANT
 from services.knowledge.domain.documents import Document, DocumentError, DocumentPage
@@ -123,6 +123,15 @@ class RedisDocuments:
         if state:
             documents = [d for d in documents if d.state == state]
         return DocumentPage(documents, token)
+
+    async def owned(self, document_id: str) -> bool:
+        """Whether the document belongs to the calling tenant (always, outside an
+        RPC); records from before tenants belong to the default tenant."""
+        caller = current_tenant()
+        if caller is None:
+            return True
+        owner: Any = await self._redis.hget(redis_keys.document(document_id), "tenant")
+        return (_text(owner) or DEFAULT_TENANT) == caller
 
     async def ids(self, knowledge_base_id: str) -> builtins.list[str]:
         """Every document id of the knowledge base (for deleting it)."""
