@@ -950,6 +950,42 @@ class UploadRateLimit:
         }
 
 
+@dataclass(frozen=True)
+class EnvoyTls:
+    """A second, TLS-terminating listener (for browsers): the same routes as
+    the plaintext one, on `port`, with this PEM certificate chain and key."""
+
+    port: int
+    cert_file: Path
+    key_file: Path
+
+
+def _tls_listener(plain: Mapping[str, Any], tls: EnvoyTls) -> dict[str, Any]:
+    listener = copy.deepcopy(dict(plain))
+    listener["name"] = f"{listener.get('name', 'listener')}_tls"
+    listener["address"]["socket_address"]["port_value"] = tls.port
+    context = {
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
+        "DownstreamTlsContext",
+        "common_tls_context": {
+            # gRPC clients need h2; browsers and curl take either.
+            "alpn_protocols": ["h2", "http/1.1"],
+            "tls_certificates": [
+                {
+                    "certificate_chain": {"filename": str(tls.cert_file.resolve())},
+                    "private_key": {"filename": str(tls.key_file.resolve())},
+                }
+            ],
+        },
+    }
+    for chain in listener["filter_chains"]:
+        chain["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": context,
+        }
+    return listener
+
+
 def render_envoy_config(
     *,
     listen_port: int,
@@ -959,6 +995,7 @@ def render_envoy_config(
     descriptor: Path = DEFAULT_DESCRIPTOR,
     template: Path = ENVOY_TEMPLATE,
     upload_rate_limit: UploadRateLimit | None = None,
+    tls: EnvoyTls | None = None,
 ) -> dict[str, Any]:
     """gateway/envoy.yaml with the given ports, upstreams and descriptor.
 
@@ -982,6 +1019,8 @@ def render_envoy_config(
     listener_addr = listeners[0]["address"]["socket_address"]
     listener_addr["address"] = listen_host
     listener_addr["port_value"] = listen_port
+    if tls is not None:
+        listeners.append(_tls_listener(listeners[0], tls))
 
     clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
     for name, endpoints in upstreams.items():
@@ -1044,10 +1083,16 @@ class EnvoyServer(ServerHandle):
     port: int
     admin_port: int
     config_path: Path
+    tls_port: int | None = None
 
     @property
     def http_url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    @property
+    def https_url(self) -> str:
+        """The TLS listener (`tls=` of start_envoy)."""
+        return f"https://{self.host}:{self.tls_port}"
 
     @property
     def admin_url(self) -> str:
@@ -1089,8 +1134,10 @@ def start_envoy(
     stop_timeout: float = DEFAULT_STOP_TIMEOUT,
     detached: bool = False,
     upload_rate_limit: UploadRateLimit | None = None,
+    tls: EnvoyTls | None = None,
 ) -> EnvoyServer:
-    """Render the gateway config into `run_dir` and run Envoy on it.
+    """Render the gateway config into `run_dir` and run Envoy on it (plus a
+    TLS listener with the same routes when `tls` is given).
 
     Ready when the admin ``/ready`` says LIVE. A dynamic base id lets any
     number of Envoys share the machine (hot restart is not used).
@@ -1110,6 +1157,7 @@ def start_envoy(
         descriptor=descriptor,
         template=template,
         upload_rate_limit=upload_rate_limit,
+        tls=tls,
     )
     config_path = write_envoy_config(run_dir / "envoy.yaml", config)
     argv: list[str | os.PathLike[str]] = [
@@ -1136,7 +1184,12 @@ def start_envoy(
     )
     host = LOOPBACK if listen_host in ("0.0.0.0", "") else listen_host
     return EnvoyServer(
-        process=proc, host=host, port=listen_port, admin_port=admin_port, config_path=config_path
+        process=proc,
+        host=host,
+        port=listen_port,
+        admin_port=admin_port,
+        config_path=config_path,
+        tls_port=None if tls is None else tls.port,
     )
 
 

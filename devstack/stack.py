@@ -44,7 +44,16 @@ variable                        default                    what
 ``KBMESH_ENVOY_KNOWLEDGE``      (none)                     more Knowledge Service replicas
 ``KBMESH_ENVOY_UPLOAD_BURST``   ``50``                     uploads admitted at once (then 429)
 ``KBMESH_ENVOY_UPLOAD_RATE``    ``20``                     uploads per second after the burst
+``KBMESH_AUTH``                 ``api_keys``               ``off``: no caller authentication
+                                                           (loopback only; said loudly)
 ==============================  =========================  ===============================
+
+Authentication: with ``KBMESH_AUTH`` unset the services require API keys, and
+the stack issues (or reuses) a development key for tenant ``dev``, prints it
+and keeps it in ``.kbmesh/dev-api-key`` (mode 600): ``export
+KBMESH_API_KEY=$(cat .kbmesh/dev-api-key)``. ``KBMESH_AUTH=off`` runs without
+credentials (every caller is tenant ``default``); refused when Envoy listens
+on a non-loopback address.
 
 The services also inherit the caller's environment, so any other
 ``KBMESH_TASK_MANAGER_*`` / ``KBMESH_KNOWLEDGE_*`` setting reaches them; the
@@ -54,6 +63,7 @@ is passed on too.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -68,6 +78,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from redis.asyncio import Redis
+
 from devstack import servers
 from devstack.servers import (
     DEFAULT_DESCRIPTOR,
@@ -77,6 +89,10 @@ from devstack.servers import (
     ServerProcess,
     WeedPorts,
 )
+from services.common.auth import ApiKeys, is_loopback
+
+DEV_TENANT = "dev"
+DEV_KEY_FILE = "dev-api-key"
 
 # Parts in start order; stopped in reverse.
 PARTS = ("redis", "seaweedfs", "task_manager", "knowledge", "envoy")
@@ -485,10 +501,18 @@ def start_parts(
         directory.mkdir(parents=True, exist_ok=True)
     # The Knowledge Service's worker authenticates to the Task Manager with this token.
     worker_token = os.environ.get("KBMESH_WORKER_TOKEN") or servers.DEV_WORKER_TOKEN
+    auth = auth_mode()
+    if auth == "off" and not is_loopback(config.envoy_host):
+        raise ServerError(
+            f"KBMESH_AUTH=off with Envoy on {config.envoy_host}: anyone on the network could"
+            " read every knowledge base; unset KBMESH_AUTH or listen on 127.0.0.1"
+        )
     service_extra = {
         "KBMESH_HOME": str(config.home),
         "KBMESH_TASK_MANAGER_DISPATCH__WORKER_TOKENS": json.dumps([worker_token]),
         "KBMESH_KNOWLEDGE_WORKER__TOKEN": worker_token,
+        "KBMESH_TASK_MANAGER_AUTH__MODE": auth,
+        "KBMESH_KNOWLEDGE_AUTH__MODE": auth,
     }
 
     def started(part: str, proc: ServerProcess, what: str) -> None:
@@ -505,6 +529,8 @@ def start_parts(
         detached=detached,
     )
     started("redis", redis.process, config.where("redis"))
+    if auth == "api_keys":
+        ensure_dev_key(config)
     weed = servers.start_seaweedfs(
         ports=config.weed_ports,
         data_dir=data / "s3",
@@ -641,6 +667,56 @@ def _existing(config: StackConfig) -> tuple[StackState | None, int | None]:
     return state, 1
 
 
+def auth_mode() -> str:
+    """`api_keys` unless KBMESH_AUTH=off."""
+    value = os.environ.get("KBMESH_AUTH", "").strip().lower()
+    if value not in ("", "api_keys", "off"):
+        raise ServerError(f"KBMESH_AUTH must be api_keys or off, not {value!r}")
+    return "off" if value == "off" else "api_keys"
+
+
+def ensure_dev_key(config: StackConfig) -> str:
+    """The development key of tenant `dev`: the one in .kbmesh/dev-api-key while
+    Redis still accepts it, else a new one (written there, mode 600)."""
+    path = config.home / DEV_KEY_FILE
+
+    async def check_or_create() -> str:
+        redis = Redis.from_url(config.redis_url)
+        try:
+            keys = ApiKeys(redis)
+            if path.exists():
+                key = path.read_text().strip()
+                if await keys.tenant_of(key) == DEV_TENANT:
+                    return key
+            _, key = await keys.create(DEV_TENANT, "make up development key")
+            return key
+        finally:
+            await redis.aclose()
+
+    key = asyncio.run(check_or_create())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+    path.write_text(key + "\n")
+    return key
+
+
+def say_credentials(config: StackConfig) -> None:
+    if auth_mode() == "off":
+        _say(
+            "\n!!! AUTHENTICATION IS OFF (KBMESH_AUTH=off): every caller on this machine acts"
+            " as tenant `default` without credentials !!!"
+        )
+        return
+    path = config.home / DEV_KEY_FILE
+    key = path.read_text().strip() if path.exists() else "(missing)"
+    _say(f"\ndevelopment API key (tenant {DEV_TENANT}; also in {_rel(path)}):\n  {key}")
+    _say(
+        f"  export KBMESH_API_KEY=$(cat {_rel(path)})"
+        "   # then send `Authorization: Bearer $KBMESH_API_KEY`"
+    )
+
+
 def _start(config: StackConfig, mode: str) -> StackState | int:
     """Start everything; the state on success, an exit code on failure."""
     try:
@@ -688,6 +764,7 @@ def up(config: StackConfig) -> int:
         return result
     _say("\nthe kbmesh stack is up:")
     print_table(result, health=True)
+    say_credentials(config)
     _say("\nstop it with `python -m devstack down`")
     return 0
 
@@ -705,6 +782,7 @@ def run(config: StackConfig) -> int:
     state = result
     _say("\nthe kbmesh stack is running in the foreground (Ctrl-C stops it):")
     print_table(state, health=True)
+    say_credentials(config)
     exit_code = 0
     try:
         with _signals_raise():

@@ -28,6 +28,9 @@ Fixtures (scope) — for type annotations import the classes from
     ``s3=``; more settings with ``env={"KBMESH_TASK_MANAGER_...": ...}``).
     Returns a ServiceServer (``.address``, ``.pid``, ``.log_path``,
     ``.stop(timeout)``). Each gets its own working directory and KBMESH_HOME.
+    Services run with authentication OFF (every caller is tenant
+    ``default``) unless ``auth=True``: then every public RPC needs an API
+    key (``api_keys`` fixture).
 ``start_worker`` (function) -> WorkerFactory
     ``start_worker(task_manager_address=tm.address, worker_id="w1",
     concurrency=4, handler_options={...})``: a standalone knowledge worker
@@ -41,15 +44,22 @@ Fixtures (scope) — for type annotations import the classes from
 ``start_envoy`` (function) -> EnvoyFactory
     ``start_envoy(task_manager=[addr, ...], knowledge=[addr, ...])`` renders
     gateway/envoy.yaml for those upstreams (several = replicas) and returns
-    an EnvoyServer (``.http_url``, ``.admin_url``, ``.grpc_address``).
+    an EnvoyServer (``.http_url``, ``.admin_url``, ``.grpc_address``);
+    ``tls=EnvoyTls(port, cert_file, key_file)`` adds a TLS listener with the
+    same routes (``.https_url``).
 ``stack`` (module) -> Stack
     The whole mesh for one test module: a private Redis, a fresh bucket on
     ``s3_server``, a Task Manager, a Knowledge Service and Envoy in front of
-    both. Tests of one module share it (and its data).
+    both. Tests of one module share it (and its data). Authentication off.
+``auth_stack`` (module) -> Stack
+    The same with authentication ON (``auth.mode=api_keys``);
+    ``auth_stack.new_key("tenant")`` issues an API key in its Redis.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import itertools
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -57,11 +67,13 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from redis.asyncio import Redis
 
 from devstack import servers
 from devstack.servers import (
     DEFAULT_DESCRIPTOR,
     EnvoyServer,
+    EnvoyTls,
     RedisServer,
     S3Settings,
     SeaweedServer,
@@ -70,6 +82,7 @@ from devstack.servers import (
     ServiceServer,
     WorkerServer,
 )
+from services.common.auth import ApiKeys
 
 SESSION_BUCKET = "kbmesh-test"
 H = TypeVar("H", bound=ServerHandle)
@@ -154,8 +167,10 @@ class ServiceFactory:
         name: str | None = None,
         log_level: str = "DEBUG",
         timeout: float = 60.0,
+        auth: bool = False,
     ) -> ServiceServer:
         here = self._launcher.workdir(name or kind)
+        mode = "api_keys" if auth else "off"
         return self._launcher.track(
             servers.start_service(
                 kind,
@@ -169,6 +184,9 @@ class ServiceFactory:
                     "KBMESH_HOME": str(here / "home"),
                     # Tasks stay queued unless a test starts workers on purpose.
                     "KBMESH_KNOWLEDGE_WORKER__ENABLED": "false",
+                    # Tests call without credentials unless they test auth.
+                    "KBMESH_TASK_MANAGER_AUTH__MODE": mode,
+                    "KBMESH_KNOWLEDGE_AUTH__MODE": mode,
                     **(env or {}),
                 },
                 cwd=here,
@@ -238,6 +256,7 @@ class EnvoyFactory:
         task_manager: Sequence[str],
         knowledge: Sequence[str],
         descriptor: Path = DEFAULT_DESCRIPTOR,
+        tls: EnvoyTls | None = None,
     ) -> EnvoyServer:
         here = self._launcher.workdir("envoy")
         return self._launcher.track(
@@ -249,6 +268,7 @@ class EnvoyFactory:
                 log_path=here / "envoy.log",
                 descriptor=descriptor,
                 concurrency=1,
+                tls=tls,
             )
         )
 
@@ -266,6 +286,10 @@ class Stack:
     @property
     def redis_url(self) -> str:
         return self.redis.url
+
+    def new_key(self, tenant: str, name: str = "") -> str:
+        """Issues an API key for `tenant` in this stack's Redis (auth_stack)."""
+        return issue_key(self.redis.url, tenant, name)
 
     @property
     def s3_endpoint_url(self) -> str:
@@ -397,17 +421,47 @@ def start_envoy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EnvoyFacto
         launcher.close()
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, s3_server: SeaweedServer) -> Iterator[Stack]:
-    """Redis + bucket + Task Manager + Knowledge Service + Envoy, per test module."""
+def issue_key(redis_url: str, tenant: str, name: str = "") -> str:
+    """A new API key for `tenant`, written straight to the Redis at `redis_url`."""
+
+    async def create() -> str:
+        client = Redis.from_url(redis_url)
+        try:
+            _, key = await ApiKeys(client).create(tenant, name)
+            return key
+        finally:
+            await client.aclose()
+
+    # In a thread of its own: callable from async tests (their loop is running).
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, create()).result()
+
+
+def _start_stack(
+    tmp_path_factory: pytest.TempPathFactory, s3_server: SeaweedServer, *, auth: bool
+) -> Iterator[Stack]:
     launcher = Launcher(tmp_path_factory.mktemp("stack"))
     try:
         redis = RedisFactory(launcher)()
         s3 = BucketFactory(s3_server)("kbmesh-stack")
         services = ServiceFactory(launcher, redis_url=redis.url, s3=s3)
-        tm = services("task_manager")
-        ks = services("knowledge", task_manager_address=tm.address)
+        tm = services("task_manager", auth=auth)
+        ks = services("knowledge", task_manager_address=tm.address, auth=auth)
         envoy = EnvoyFactory(launcher)(task_manager=[tm.address], knowledge=[ks.address])
         yield Stack(redis=redis, s3=s3, task_manager=tm, knowledge=ks, envoy=envoy)
     finally:
         launcher.close()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, s3_server: SeaweedServer) -> Iterator[Stack]:
+    """Redis + bucket + Task Manager + Knowledge Service + Envoy, per test module."""
+    yield from _start_stack(tmp_path_factory, s3_server, auth=False)
+
+
+@pytest.fixture(scope="module")
+def auth_stack(
+    tmp_path_factory: pytest.TempPathFactory, s3_server: SeaweedServer
+) -> Iterator[Stack]:
+    """The ``stack`` with authentication on: calls need ``new_key(tenant)`` keys."""
+    yield from _start_stack(tmp_path_factory, s3_server, auth=True)

@@ -54,6 +54,7 @@ async def open_redis(settings: RedisSettings) -> AsyncIterator[Redis]:
         settings.url.get_secret_value(),
         decode_responses=False,
         health_check_interval=10,
+        max_connections=settings.max_connections,
         socket_keepalive=True,
         # A pooled connection to a Redis that restarted fails once with
         # "connection closed": reconnect and retry instead of failing the RPC.

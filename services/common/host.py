@@ -21,8 +21,11 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha._async import ReflectionServicer
 
+from services.common.auth import OPEN_SERVICES, ApiKeyAuth, Authenticator
 from services.common.settings import GrpcSettings
 from services.common.status import ErrorTranslation
+from services.common.tls import server_credentials
+from services.common.validation import StringBounds
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +61,8 @@ class ServiceHost:
 
     `services` are the full names this server serves (for reflection and
     per-service health); `mesh_services` the names reflection lists when asked
-    through the gateway.
+    through the gateway; `authenticator` checks callers of every public RPC
+    (services/common/auth.py).
     """
 
     def __init__(
@@ -69,6 +73,7 @@ class ServiceHost:
         *,
         error_domain: str,
         mesh_services: Sequence[str] = (),
+        authenticator: Authenticator | None = None,
     ) -> None:
         self.name = name
         self.settings = settings
@@ -83,9 +88,14 @@ class ServiceHost:
             ("grpc.http2.bdp_probe", 0),
             ("grpc.http2.lookahead_bytes", settings.stream_window_bytes),
         ]
-        self.server = grpc.aio.server(
-            interceptors=[ErrorTranslation(error_domain)], options=options
-        )
+        # Authentication runs inside the error translation, so a refused caller
+        # gets UNAUTHENTICATED with its ErrorInfo like any other error.
+        interceptors: list[Any] = [ErrorTranslation(error_domain)]
+        if authenticator is not None:
+            interceptors.append(ApiKeyAuth(authenticator))
+        # Then a length bound on every string of every public request.
+        interceptors.append(StringBounds(OPEN_SERVICES))
+        self.server = grpc.aio.server(interceptors=interceptors, options=options)
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         own = [*self.services, _HEALTH_SERVICE, reflection.SERVICE_NAME]
@@ -109,11 +119,22 @@ class ServiceHost:
     async def start(self) -> int:
         """Binds and starts serving; health stays NOT_SERVING until `set_serving`."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self.server.add_insecure_port(self.settings.address)
+        credentials = server_credentials(self.settings)
+        if credentials is None:
+            self.port = self.server.add_insecure_port(self.settings.address)
+        else:  # TLS only: a plaintext client fails the handshake
+            self.port = self.server.add_secure_port(self.settings.address, credentials)
         if self.port == 0:
             raise RuntimeError(f"{self.name}: could not bind {self.settings.address}")
         await self.server.start()
-        log.info("listening", extra={"address": f"{self.settings.host}:{self.port}"})
+        log.info(
+            "listening",
+            extra={
+                "address": f"{self.settings.host}:{self.port}",
+                "tls": credentials is not None,
+                "client_certs": bool(self.settings.tls_client_ca_file),
+            },
+        )
         return self.port
 
     async def set_serving(self, serving: bool) -> None:

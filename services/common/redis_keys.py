@@ -30,10 +30,35 @@ DISPATCH_CANCEL = PREFIX + "dispatch:cancel"
 # task enters it when it reaches a terminal state with a callback URL, in the
 # same atomic step; the sender claims it by pushing the time past a lease.
 CALLBACKS_DUE = PREFIX + "callbacks:due"
-# zset of every task id by creation time (ListTasks without filters).
-TASKS = PREFIX + "tasks"
-# zset of every knowledge base id, all at score 0: ordered by (time-ordered) id.
-KNOWLEDGE_BASES = PREFIX + "kbs"
+# zset of every API key id, all at score 0 (`python -m services.admin keys list`).
+API_KEYS = PREFIX + "api-keys"
+
+
+def api_key(key_id: str) -> str:
+    """hash: an API key (tenant, name, SHA-256 of its secret, create_time_ms);
+    deleted when the key is revoked (services/common/auth.py)."""
+    return f"{PREFIX}api-key:{key_id}"
+
+
+def tenant_tasks(tenant: str) -> str:
+    """zset: task ids of a tenant by creation time (ListTasks without filters)."""
+    return f"{PREFIX}tenant:{tenant}:tasks"
+
+
+def tenant_knowledge_bases(tenant: str) -> str:
+    """zset: knowledge base ids of a tenant, all at score 0: ordered by
+    (time-ordered) id."""
+    return f"{PREFIX}tenant:{tenant}:kbs"
+
+
+def tenant_uploads(tenant: str, minute: int) -> str:
+    """string: uploads a tenant started in this minute since the epoch (expires)."""
+    return f"{PREFIX}tenant:{tenant}:uploads:{minute}"
+
+
+def tenant_usage(tenant: str) -> str:
+    """hash: a tenant's stored bytes and documents (fields `bytes`, `documents`)."""
+    return f"{PREFIX}tenant:{tenant}:usage"
 
 
 def knowledge_base(kb_id: str) -> str:
@@ -41,9 +66,10 @@ def knowledge_base(kb_id: str) -> str:
     return f"{PREFIX}kb:{kb_id}"
 
 
-def knowledge_base_name(name: str) -> str:
-    """string: id of the knowledge base with this name (names are unique)."""
-    return f"{PREFIX}kb-name:{name}"
+def knowledge_base_name(tenant: str, name: str) -> str:
+    """string: id of the tenant's knowledge base with this name (names are
+    unique per tenant)."""
+    return f"{PREFIX}tenant:{tenant}:kb-name:{name}"
 
 
 def kb_documents(kb_id: str) -> str:
@@ -66,9 +92,10 @@ def kb_tasks(kb_id: str) -> str:
     return f"{PREFIX}kb:{kb_id}:tasks"
 
 
-def tasks_in_state(state: str) -> str:
-    """zset: task ids currently in `state` (PENDING, RUNNING…) by creation time."""
-    return f"{PREFIX}tasks:state:{state}"
+def tasks_in_state(tenant: str, state: str) -> str:
+    """zset: a tenant's task ids currently in `state` (PENDING, RUNNING…) by
+    creation time."""
+    return f"{PREFIX}tenant:{tenant}:tasks:state:{state}"
 
 
 def kb_tasks_in_state(kb_id: str, state: str) -> str:
@@ -96,10 +123,10 @@ def task_events(task_id: str) -> str:
     return f"{PREFIX}task:{task_id}:events"
 
 
-def kb_create_request(request_id: str) -> str:
-    """string: id of the knowledge base created by CreateKnowledgeBase with this
-    idempotency key (expires)."""
-    return f"{PREFIX}kb-create-request:{request_id}"
+def kb_create_request(tenant: str, request_id: str) -> str:
+    """string: id of the knowledge base the tenant created by CreateKnowledgeBase
+    with this idempotency key (expires)."""
+    return f"{PREFIX}tenant:{tenant}:kb-create-request:{request_id}"
 
 
 def document_delete_request(document_id: str, request_id: str) -> str:

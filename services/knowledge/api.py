@@ -307,7 +307,7 @@ class KnowledgeApi(kn_grpc.KnowledgeServiceServicer):
             return kn.DeleteKnowledgeBaseResponse(**json.loads(earlier))
         index = self._require_index()
         kb = await self._kbs.get(kb_id)
-        if kb is None and not is_id(kb_id):
+        if kb is None and (not is_id(kb_id) or await self._kbs.exists(kb_id)):
             await self._kbs.require(kb_id)  # NOT_FOUND, like every other RPC
         if kb is not None:
             # The record goes first: from here on uploads get NOT_FOUND (the Task
@@ -315,6 +315,8 @@ class KnowledgeApi(kn_grpc.KnowledgeServiceServicer):
             # tasks read below are all there will ever be.
             await self._kbs.delete(kb)
         document_ids = await self._documents.ids(kb_id)
+        if kb is None and document_ids and not await self._documents.owned(document_ids[0]):
+            await self._kbs.require(kb_id)  # the rest of another tenant's deletion
         if kb is None and not document_ids and not await index.count_chunks(kb_id):
             # Nothing left of it: unknown, or fully deleted by an earlier call.
             await self._kbs.require(kb_id)

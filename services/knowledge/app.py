@@ -13,12 +13,13 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 from redis.asyncio import Redis
 
 from kbmesh.knowledge.v1 import knowledge_pb2_grpc
+from services.common.auth import build_authenticator
 from services.common.connections import open_redis, open_s3
 from services.common.host import ServiceHost
+from services.common.tls import open_channel
 from services.knowledge.adapters.redis_documents import RedisDocuments
 from services.knowledge.adapters.redis_kb_store import RedisKnowledgeBases
 from services.knowledge.adapters.s3_objects import S3Objects
@@ -76,11 +77,15 @@ async def build_app(settings: KnowledgeSettings) -> AsyncIterator[KnowledgeApp]:
         redis = await stack.enter_async_context(open_redis(settings.redis))
         s3 = await stack.enter_async_context(open_s3(settings.s3))
         host = ServiceHost(
-            "knowledge", settings.grpc, [KNOWLEDGE_SERVICE], error_domain=ERROR_DOMAIN
+            "knowledge",
+            settings.grpc,
+            [KNOWLEDGE_SERVICE],
+            error_domain=ERROR_DOMAIN,
+            authenticator=build_authenticator(settings.auth, settings.grpc, redis),
         )
         knowledge_bases = RedisKnowledgeBases(redis)
         index = await open_index(settings)
-        channel = grpc.aio.insecure_channel(settings.task_manager.address)
+        channel = open_channel(settings.task_manager.address, settings.task_manager.tls)
         stack.push_async_callback(channel.close, None)
         embedder = await asyncio.to_thread(build_query_embedder, settings)
         api = KnowledgeApi(

@@ -9,7 +9,14 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.common.settings import GrpcSettings, LogSettings, RedisSettings, S3Settings
+from services.common.settings import (
+    AuthSettings,
+    GrpcSettings,
+    LogSettings,
+    RedisSettings,
+    S3Settings,
+    TlsClientSettings,
+)
 
 
 class TaskManagerLink(BaseModel):
@@ -18,6 +25,8 @@ class TaskManagerLink(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     address: str = "127.0.0.1:50051"
+    # TLS to the Task Manager (and the worker's client certificate for mTLS).
+    tls: TlsClientSettings = TlsClientSettings()
 
 
 class WorkerSettings(BaseModel):
@@ -157,3 +166,4 @@ class KnowledgeSettings(BaseSettings):
     search: SearchSettings = SearchSettings()
     ingest: IngestSettings = IngestSettings()
     embedding: EmbeddingSettings = EmbeddingSettings()
+    auth: AuthSettings = AuthSettings()

@@ -21,6 +21,7 @@ from kbmesh.taskmanager.v1 import task_manager_pb2 as tm
 from kbmesh.taskmanager.v1 import task_manager_pb2_grpc as tm_grpc
 from kbmesh.taskmanager.v1 import worker_pb2 as wk
 from kbmesh.taskmanager.v1 import worker_pb2_grpc as wk_grpc
+from services.common.auth import caller_tenant
 from services.common.errors import Code, InvalidArgument, KbmeshError, NotFound
 from services.common.protos import timestamp
 from services.task_manager.convert import (
@@ -44,6 +45,7 @@ from services.task_manager.dispatch import (
     WorkerSession,
 )
 from services.task_manager.domain.dispatch import MAX_CREDITS, MAX_WORKER_ID_CHARS
+from services.task_manager.domain.model import Task
 from services.task_manager.domain.multipart import multipart_boundary, open_file_part
 from services.task_manager.domain.ports import TaskStore
 from services.task_manager.domain.upload import Uploads
@@ -83,7 +85,7 @@ class TaskManagerApi(tm_grpc.TaskManagerServiceServicer):
                     "BYTES_BEFORE_HEADER", "the first message must carry the upload header"
                 )
             raise InvalidArgument("MISSING_HEADER", "the first message has no header fields")
-        header = header_from_proto(first)
+        header = dataclasses.replace(header_from_proto(first), tenant=caller_tenant())
 
         async def chunks() -> AsyncIterator[bytes]:
             if first.file.data:
@@ -132,22 +134,30 @@ class TaskManagerApi(tm_grpc.TaskManagerServiceServicer):
         )
 
     async def GetTask(self, request: tm.GetTaskRequest, context: Context) -> tm.Task:
-        task_id = _require_task_id(request.task_id)
+        return task_to_proto(await self._own_task(_require_task_id(request.task_id)))
+
+    async def _own_task(self, task_id: str) -> Task:
+        """The caller's task; another tenant's task does not exist for them."""
         task = await self._tasks.get_task(task_id)
-        if task is None:
+        if task is None or task.tenant != caller_tenant():
             raise _task_not_found(task_id)
-        return task_to_proto(task)
+        return task
 
     async def ListTasks(
         self, request: tm.ListTasksRequest, context: Context
     ) -> tm.ListTasksResponse:
         if request.page_size < 0:
             raise InvalidArgument("INVALID_PAGE_SIZE", "page_size must not be negative")
+        tenant = caller_tenant()
+        kb = request.knowledge_base_id
+        if kb and await self._tasks.knowledge_base_tenant(kb) != tenant:
+            return tm.ListTasksResponse()  # as for a knowledge base that does not exist
         page = await self._tasks.list_tasks(
-            request.knowledge_base_id,
+            kb,
             state_from_proto(request.state),
             request.page_size,
             request.page_token,
+            tenant=tenant,
         )
         return tm.ListTasksResponse(
             tasks=[task_to_proto(t) for t in page.tasks], next_page_token=page.next_page_token
@@ -157,6 +167,7 @@ class TaskManagerApi(tm_grpc.TaskManagerServiceServicer):
         self, request: tm.WatchTaskRequest, context: Context
     ) -> AsyncIterator[tm.WatchTaskResponse]:
         task_id = _require_task_id(request.task_id)
+        await self._own_task(task_id)
         sent = 0
         last: tm.Task | None = None
         try:
@@ -189,6 +200,7 @@ class TaskManagerApi(tm_grpc.TaskManagerServiceServicer):
         task_id = _require_task_id(request.task_id)
         if len(request.reason) > MAX_REASON_CHARS:
             raise InvalidArgument("INVALID_REASON", f"reason is at most {MAX_REASON_CHARS} chars")
+        await self._own_task(task_id)
         task = await self._tasks.cancel(task_id, request.reason)
         return tm.CancelTaskResponse(task=task_to_proto(task))
 
@@ -198,6 +210,7 @@ class TaskManagerApi(tm_grpc.TaskManagerServiceServicer):
         task_id = _require_task_id(request.task_id)
         if len(request.request_id) > 128:
             raise InvalidArgument("INVALID_REQUEST_ID", "request_id is at most 128 characters")
+        await self._own_task(task_id)
         task = await self._tasks.retry(task_id, request.request_id)
         return tm.RetryTaskResponse(task=task_to_proto(task))
 

@@ -13,10 +13,12 @@ from redis.asyncio import Redis
 
 from kbmesh.knowledge.v1 import knowledge_pb2
 from kbmesh.taskmanager.v1 import task_manager_pb2_grpc, worker_pb2_grpc
+from services.common.auth import build_authenticator
 from services.common.connections import open_redis, open_s3
 from services.common.host import ServiceHost
 from services.task_manager.adapters.redis_callbacks import RedisCallbackOutbox
 from services.task_manager.adapters.redis_dispatch import RedisDispatchQueue
+from services.task_manager.adapters.redis_quotas import QuotaLimits, RedisQuotas
 from services.task_manager.adapters.redis_store import RedisTaskStore
 from services.task_manager.adapters.s3_put import open_signed_put
 from services.task_manager.adapters.s3_storage import S3ObjectStore
@@ -84,6 +86,7 @@ async def build_app(settings: TaskManagerSettings) -> AsyncIterator[TaskManagerA
         redis = await stack.enter_async_context(open_redis(settings.redis))
         s3 = await stack.enter_async_context(open_s3(settings.s3))
         signed_put = await stack.enter_async_context(open_signed_put(settings.s3))
+        authenticator = build_authenticator(settings.auth, settings.grpc, redis)
         host = ServiceHost(
             "task-manager",
             settings.grpc,
@@ -91,6 +94,7 @@ async def build_app(settings: TaskManagerSettings) -> AsyncIterator[TaskManagerA
             error_domain=ERROR_DOMAIN,
             # Through Envoy the gateway serves the Knowledge Service too.
             mesh_services=[TASK_MANAGER_SERVICE, WORKER_SERVICE, KNOWLEDGE_SERVICE],
+            authenticator=authenticator,
         )
         limits = settings.uploads
         tasks = RedisTaskStore(redis, request_id_ttl_seconds=limits.request_id_ttl_seconds)
@@ -111,6 +115,14 @@ async def build_app(settings: TaskManagerSettings) -> AsyncIterator[TaskManagerA
                 max_attempts=limits.max_attempts,
                 callback_allow_list=limits.callback_allow_list,
                 retry_after_seconds=limits.retry_after_seconds,
+            ),
+            RedisQuotas(
+                redis,
+                QuotaLimits(
+                    uploads_per_minute=limits.tenant_uploads_per_minute,
+                    storage_bytes=limits.tenant_storage_bytes,
+                    documents=limits.tenant_documents,
+                ),
             ),
         )
         callbacks = CallbackSender(

@@ -5,7 +5,13 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.common.settings import GrpcSettings, LogSettings, RedisSettings, S3Settings
+from services.common.settings import (
+    AuthSettings,
+    GrpcSettings,
+    LogSettings,
+    RedisSettings,
+    S3Settings,
+)
 
 
 class UploadSettings(BaseModel):
@@ -31,6 +37,11 @@ class UploadSettings(BaseModel):
     parts_in_flight: int = Field(default=2, ge=1, le=16)
     # How long an upload's idempotency key (request_id) is remembered, in seconds.
     request_id_ttl_seconds: int = Field(default=86_400, ge=60)
+    # Per-tenant quotas (RESOURCE_EXHAUSTED with a TENANT_* reason); 0: unlimited.
+    # Uploads a tenant may start per minute, bytes and documents it may store.
+    tenant_uploads_per_minute: int = Field(default=0, ge=0)
+    tenant_storage_bytes: int = Field(default=0, ge=0)
+    tenant_documents: int = Field(default=0, ge=0)
     # Multipart uploads older than this are orphans of a killed replica and are
     # aborted by every replica's sweeper (every 10 minutes). Hours.
     stale_multipart_hours: float = Field(default=24.0, gt=0)
@@ -110,3 +121,4 @@ class TaskManagerSettings(BaseSettings):
     uploads: UploadSettings = UploadSettings()
     callbacks: CallbackSettings = CallbackSettings()
     dispatch: DispatchSettings = DispatchSettings()
+    auth: AuthSettings = AuthSettings()

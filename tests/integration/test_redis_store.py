@@ -17,6 +17,7 @@ from devstack import servers
 from services.common import redis_keys
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from services.common.ids import new_id
+from services.common.settings import DEFAULT_TENANT
 from services.task_manager.adapters.redis_store import (
     RedisTaskStore,
     decode_event,
@@ -221,9 +222,9 @@ async def test_create_then_get_round_trip(store: RedisTaskStore, client: Redis) 
     assert await members(client, redis_keys.kb_documents(KB)) == [task.document_id]
     assert await client.get(redis_keys.kb_content(KB, task.sha256)) == task.document_id.encode()
     for key in (
-        redis_keys.TASKS,
+        redis_keys.tenant_tasks(DEFAULT_TENANT),
         redis_keys.kb_tasks(KB),
-        redis_keys.tasks_in_state("PENDING"),
+        redis_keys.tasks_in_state(DEFAULT_TENANT, "PENDING"),
         redis_keys.kb_tasks_in_state(KB, "PENDING"),
     ):
         assert await client.zscore(key, task.id) == task.create_time_ms
@@ -294,8 +295,8 @@ async def test_resent_create_of_the_same_task_counts_once(store: RedisTaskStore)
 async def test_missing_knowledge_base_is_checked_inside_the_script(
     store: RedisTaskStore, client: Redis
 ) -> None:
-    assert await store.knowledge_base_exists(KB)
-    assert not await store.knowledge_base_exists("nope")
+    assert await store.knowledge_base_tenant(KB) == DEFAULT_TENANT
+    assert await store.knowledge_base_tenant("nope") is None
     # Deleted between the upload's first check and the task's creation.
     await client.delete(redis_keys.knowledge_base(KB))
 
@@ -433,9 +434,9 @@ async def test_cancel_pending_removes_it_from_the_queue(
     assert "wrong file" in cancelled.message
     assert await store.get_task(task.id) == cancelled
     assert await store.queue_depth() == 0
-    assert await members(client, redis_keys.tasks_in_state("PENDING")) == []
+    assert await members(client, redis_keys.tasks_in_state(DEFAULT_TENANT, "PENDING")) == []
     assert await members(client, redis_keys.kb_tasks_in_state(KB, "PENDING")) == []
-    assert set(await members(client, redis_keys.tasks_in_state("CANCELLED"))) == {
+    assert set(await members(client, redis_keys.tasks_in_state(DEFAULT_TENANT, "CANCELLED"))) == {
         task.id,
         backing_off.id,
     }
@@ -454,7 +455,9 @@ async def test_cancel_running_asks_the_worker(store: RedisTaskStore, client: Red
     assert asked.state is TaskState.RUNNING
     assert asked.cancel_requested
     assert again == asked
-    assert await members(client, redis_keys.tasks_in_state("RUNNING")) == [running.id]
+    assert await members(client, redis_keys.tasks_in_state(DEFAULT_TENANT, "RUNNING")) == [
+        running.id
+    ]
     log = await events(client, running.id)
     assert len(log) == 3  # created, started, cancel requested: the repeat adds nothing
     assert log[-1].task.cancel_requested
@@ -491,7 +494,7 @@ async def test_retry_requeues_failed_and_cancelled_tasks(
     assert retried.worker_id == ""
     assert retried.end_time_ms == 0
     assert await members(client, redis_keys.QUEUE_READY) == [failed.id]
-    assert await members(client, redis_keys.tasks_in_state("FAILED")) == []
+    assert await members(client, redis_keys.tasks_in_state(DEFAULT_TENANT, "FAILED")) == []
     assert await members(client, redis_keys.kb_tasks_in_state(KB, "PENDING")) == [failed.id]
     log = await events(client, failed.id)
     assert log[-2].task.error == failed.error  # the error stays in the history
@@ -688,7 +691,7 @@ async def test_redis_down_is_unavailable(start_redis: RedisFactory) -> None:
         for call in (
             store.get_task(task.id),
             store.queue_depth(),
-            store.knowledge_base_exists(KB),
+            store.knowledge_base_tenant(KB),
             store.create_ingestion(new_task(), "", force=False),
             store.list_tasks("", None, 10, ""),
             store.cancel(task.id, ""),

@@ -18,6 +18,8 @@ from kbmesh.knowledge.v1 import knowledge_pb2 as kn
 from kbmesh.knowledge.v1 import knowledge_pb2_grpc as kn_grpc
 from kbmesh.taskmanager.v1 import task_manager_pb2 as tm
 from kbmesh.taskmanager.v1 import task_manager_pb2_grpc as tm_grpc
+from services.common.settings import DEFAULT_TENANT
+from services.task_manager.domain.upload import object_prefix
 from tests.conftest import RedisFactory, ServiceFactory, Stack
 from tests.support import (
     error_info,
@@ -89,7 +91,7 @@ async def test_upload_is_stored_and_queued(
     assert task.filename == "report.pdf"
     assert task.content_type == "application/pdf"
     assert task.attempt == 1
-    keys = [k for k in bucket_keys(stack) if k.startswith(f"kb/{kb}/")]
+    keys = [k for k in bucket_keys(stack) if k.startswith(object_prefix(DEFAULT_TENANT, kb))]
     assert len(keys) == 1
     assert "report" not in keys[0]
     stored = stack.s3.boto3_client().get_object(Bucket=stack.s3_bucket, Key=keys[0])
@@ -112,7 +114,7 @@ async def test_large_upload_goes_through_multipart(
         sha256=hashlib.sha256(data).hexdigest(),
     )
     assert answer.task.size_bytes == len(data)
-    keys = [k for k in bucket_keys(stack) if k.startswith(f"kb/{kb}/")]
+    keys = [k for k in bucket_keys(stack) if k.startswith(object_prefix(DEFAULT_TENANT, kb))]
     stored = stack.s3.boto3_client().get_object(Bucket=stack.s3_bucket, Key=keys[0])
     assert hashlib.sha256(stored["Body"].read()).hexdigest() == answer.task.sha256
 
@@ -179,7 +181,7 @@ async def test_malformed_uploads_are_invalid_and_leave_nothing(
     err = await rejected(tasks, messages(kb))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error_info(err).reason == reason
-    assert not [k for k in bucket_keys(stack) if k.startswith(f"kb/{kb}/")]
+    assert not [k for k in bucket_keys(stack) if k.startswith(object_prefix(DEFAULT_TENANT, kb))]
     listed = await tasks.ListTasks(tm.ListTasksRequest(knowledge_base_id=kb))
     assert list(listed.tasks) == []
 
@@ -196,8 +198,12 @@ async def test_checksum_mismatch_is_data_loss_and_leaves_nothing(
     )
     assert err.code() == grpc.StatusCode.DATA_LOSS
     assert error_info(err).reason == "CHECKSUM_MISMATCH"
-    assert not [k for k in bucket_keys(stack) if k.startswith(f"kb/{kb}/")]
-    assert not [u for u in incomplete_uploads(stack) if u["Key"].startswith(f"kb/{kb}/")]
+    assert not [k for k in bucket_keys(stack) if k.startswith(object_prefix(DEFAULT_TENANT, kb))]
+    assert not [
+        u
+        for u in incomplete_uploads(stack)
+        if u["Key"].startswith(object_prefix(DEFAULT_TENANT, kb))
+    ]
 
 
 async def test_client_gone_mid_upload_leaves_no_task_and_no_object(
@@ -220,11 +226,19 @@ async def test_client_gone_mid_upload_leaves_no_task_and_no_object(
     with pytest.raises(asyncio.CancelledError):
         await call
     for _ in range(50):  # the server notices and aborts asynchronously
-        if not [u for u in incomplete_uploads(stack) if u["Key"].startswith(f"kb/{kb}/")]:
+        if not [
+            u
+            for u in incomplete_uploads(stack)
+            if u["Key"].startswith(object_prefix(DEFAULT_TENANT, kb))
+        ]:
             break
         await asyncio.sleep(0.1)
-    assert not [u for u in incomplete_uploads(stack) if u["Key"].startswith(f"kb/{kb}/")]
-    assert not [k for k in bucket_keys(stack) if k.startswith(f"kb/{kb}/")]
+    assert not [
+        u
+        for u in incomplete_uploads(stack)
+        if u["Key"].startswith(object_prefix(DEFAULT_TENANT, kb))
+    ]
+    assert not [k for k in bucket_keys(stack) if k.startswith(object_prefix(DEFAULT_TENANT, kb))]
     listed = await tasks.ListTasks(tm.ListTasksRequest(knowledge_base_id=kb))
     assert list(listed.tasks) == []
 
@@ -236,7 +250,9 @@ async def test_same_request_id_answers_the_same_task(
     again = await upload(tasks, b"two", knowledge_base_id=kb, filename="a.txt", request_id="r-1")
     assert again.task_id == first.task_id
     assert again.replayed
-    assert len([k for k in bucket_keys(stack) if k.startswith(f"kb/{kb}/")]) == 1
+    assert (
+        len([k for k in bucket_keys(stack) if k.startswith(object_prefix(DEFAULT_TENANT, kb))]) == 1
+    )
 
 
 async def test_same_bytes_are_recognised_unless_forced(
@@ -249,7 +265,9 @@ async def test_same_bytes_are_recognised_unless_forced(
     forced = await upload(tasks, b"same bytes", knowledge_base_id=kb, filename="c.txt", force=True)
     assert not forced.duplicate
     assert forced.document_id != first.document_id
-    assert len([k for k in bucket_keys(stack) if k.startswith(f"kb/{kb}/")]) == 2
+    assert (
+        len([k for k in bucket_keys(stack) if k.startswith(object_prefix(DEFAULT_TENANT, kb))]) == 2
+    )
 
 
 async def test_many_concurrent_uploads_are_all_acknowledged(

@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 
 from services.common.errors import DataLoss, InvalidArgument, NotFound, ResourceExhausted
+from services.common.settings import DEFAULT_TENANT
 from services.task_manager.domain.model import Chunking, Task, TaskEvent, TaskPage, TaskState
 from services.task_manager.domain.ports import CreateOutcome
 from services.task_manager.domain.upload import UploadHeader, UploadLimits, Uploads
@@ -56,8 +57,8 @@ class MemoryTasks:
         self.depth = 0
         self.fail_create: BaseException | None = None
 
-    async def knowledge_base_exists(self, knowledge_base_id: str) -> bool:
-        return knowledge_base_id in self.kbs
+    async def knowledge_base_tenant(self, knowledge_base_id: str) -> str | None:
+        return DEFAULT_TENANT if knowledge_base_id in self.kbs else None
 
     async def task_for_request(self, knowledge_base_id: str, request_id: str) -> Task | None:
         task_id = self.requests.get((knowledge_base_id, request_id))
@@ -89,7 +90,13 @@ class MemoryTasks:
         return self.tasks.get(task_id)
 
     async def list_tasks(
-        self, knowledge_base_id: str, state: TaskState | None, page_size: int, page_token: str
+        self,
+        knowledge_base_id: str,
+        state: TaskState | None,
+        page_size: int,
+        page_token: str,
+        *,
+        tenant: str = DEFAULT_TENANT,
     ) -> TaskPage:
         raise NotImplementedError
 
@@ -146,7 +153,7 @@ async def test_upload_stores_bytes_then_queues_a_pending_task(
     assert task.content_type == "text/plain"
     assert objects.objects == {task.object_key: b"hello world"}
     assert "notes" not in task.object_key, "keys are generated, never the filename"
-    assert task.object_key.startswith(f"kb/{KB}/objects/")
+    assert task.object_key.startswith(f"kb/{DEFAULT_TENANT}/{KB}/objects/")
     assert tasks.tasks == {task.id: task}
     assert (result.duplicate, result.replayed) == (False, False)
 

@@ -16,17 +16,25 @@ from typing import Any
 from redis.asyncio import Redis
 
 from services.common import redis_keys
+from services.common.auth import caller_tenant, current_tenant
 from services.common.redis_pages import newest_first, page_size
+from services.common.settings import DEFAULT_TENANT
 from services.knowledge.domain.documents import Document, DocumentError, DocumentPage
 
 _TASK_FIELDS = ("state", "stage", "progress", "error", "result", "update_time_ms")
 # How long a DeleteDocument request_id is remembered.
 DELETE_REQUEST_TTL_SECONDS = 86_400
 
-# KEYS: document record, kb_documents, kb_content(kb, sha256), request key.
-# ARGV: document id, outcome, ttl. The content key is removed only while it
-# still names this document (a newer upload of the same bytes may hold it).
+# KEYS: document record, kb_documents, kb_content(kb, sha256), request key,
+# the tenant's usage. ARGV: document id, outcome, ttl, tenant. The content key
+# is removed only while it still names this document (a newer upload of the
+# same bytes may hold it); the tenant's usage (quotas) gives back its bytes.
 _DELETE = """
+local owner, size = unpack(redis.call('HMGET', KEYS[1], 'tenant', 'size_bytes'))
+if size and (owner or ARGV[5]) == ARGV[4] then
+  redis.call('HINCRBY', KEYS[5], 'bytes', -tonumber(size))
+  redis.call('HINCRBY', KEYS[5], 'documents', -1)
+end
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 if redis.call('GET', KEYS[3]) == ARGV[1] then redis.call('DEL', KEYS[3]) end
@@ -116,6 +124,15 @@ class RedisDocuments:
             documents = [d for d in documents if d.state == state]
         return DocumentPage(documents, token)
 
+    async def owned(self, document_id: str) -> bool:
+        """Whether the document belongs to the calling tenant (always, outside an
+        RPC); records from before tenants belong to the default tenant."""
+        caller = current_tenant()
+        if caller is None:
+            return True
+        owner: Any = await self._redis.hget(redis_keys.document(document_id), "tenant")
+        return (_text(owner) or DEFAULT_TENANT) == caller
+
     async def ids(self, knowledge_base_id: str) -> builtins.list[str]:
         """Every document id of the knowledge base (for deleting it)."""
         raw: Any = await self._redis.zrange(redis_keys.kb_documents(knowledge_base_id), 0, -1)
@@ -133,8 +150,15 @@ class RedisDocuments:
                 redis_keys.kb_documents(document.knowledge_base_id),
                 redis_keys.kb_content(document.knowledge_base_id, document.sha256),
                 request_key,
+                redis_keys.tenant_usage(caller_tenant()),
             ],
-            args=[document.id, outcome, DELETE_REQUEST_TTL_SECONDS],
+            args=[
+                document.id,
+                outcome,
+                DELETE_REQUEST_TTL_SECONDS,
+                caller_tenant(),
+                DEFAULT_TENANT,
+            ],
         )
 
     async def deleted_by_request(self, document_id: str, request_id: str) -> str | None:

@@ -2,10 +2,15 @@
 
 A knowledge base is the hash `redis_keys.knowledge_base(id)` with fields id,
 name, description, chunking (JSON), embedding_provider, embedding_model,
-embedding_dimensions, labels (JSON), create_time_ms, update_time_ms. Names are
-unique through `redis_keys.knowledge_base_name(name)`; creation and renames
-claim the name and write the record in one Lua script, so two concurrent
-creates of one name cannot both succeed.
+embedding_dimensions, labels (JSON), create_time_ms, update_time_ms, tenant.
+Names are unique per tenant through `redis_keys.knowledge_base_name(tenant,
+name)`; creation and renames claim the name and write the record in one Lua
+script, so two concurrent creates of one name cannot both succeed.
+
+Tenancy: during a public RPC (`services.common.auth.current_tenant()` set) the
+store sees only the caller's knowledge bases: another tenant's is None /
+NOT_FOUND, exactly like one that does not exist. Outside an RPC (workers,
+maintenance) it is not scoped.
 """
 
 from __future__ import annotations
@@ -13,14 +18,16 @@ from __future__ import annotations
 import base64
 import builtins
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 from redis.asyncio import Redis
 
 from services.common import redis_keys as keys
+from services.common.auth import caller_tenant, current_tenant
 from services.common.errors import AlreadyExists, InvalidArgument, NotFound
 from services.common.ids import is_id
+from services.common.settings import DEFAULT_TENANT
 from services.knowledge.domain.knowledge_bases import ChunkingDefaults, KnowledgeBase
 
 # KEYS: record, name key, index, request key. ARGV: id, name, score, ttl, then
@@ -75,6 +82,7 @@ def encode(kb: KnowledgeBase) -> dict[str, str]:
         "labels": json.dumps(kb.labels),
         "create_time_ms": str(kb.create_time_ms),
         "update_time_ms": str(kb.update_time_ms),
+        "tenant": kb.tenant,
     }
 
 
@@ -91,6 +99,7 @@ def decode(fields: dict[bytes, bytes]) -> KnowledgeBase:
         labels=json.loads(f.get("labels", "{}")),
         create_time_ms=int(f.get("create_time_ms", "0")),
         update_time_ms=int(f.get("update_time_ms", "0")),
+        tenant=f.get("tenant") or DEFAULT_TENANT,
     )
 
 
@@ -123,12 +132,13 @@ class RedisKnowledgeBases:
     async def create(self, kb: KnowledgeBase, request_id: str) -> tuple[KnowledgeBase, bool]:
         """Stores a new knowledge base; (kb, created). A replayed request_id
         answers the first call's knowledge base with created False."""
-        request_key = keys.kb_create_request(request_id) if request_id else ""
+        kb = replace(kb, tenant=caller_tenant())
+        request_key = keys.kb_create_request(kb.tenant, request_id) if request_id else ""
         answer: Any = await self._create(
             keys=[
                 keys.knowledge_base(kb.id),
-                keys.knowledge_base_name(kb.name),
-                keys.KNOWLEDGE_BASES,
+                keys.knowledge_base_name(kb.tenant, kb.name),
+                keys.tenant_knowledge_bases(kb.tenant),
                 request_key,
             ],
             args=[kb.id, kb.name, 0, self._ttl, *_flatten(encode(kb))],
@@ -146,9 +156,14 @@ class RedisKnowledgeBases:
 
     async def get(self, kb_id: str) -> KnowledgeBase | None:
         fields: Any = await self._redis.hgetall(keys.knowledge_base(kb_id))
-        return decode(fields) if fields else None
+        if not fields:
+            return None
+        kb = decode(fields)
+        tenant = current_tenant()
+        return kb if tenant is None or kb.tenant == tenant else None
 
     async def exists(self, kb_id: str) -> bool:
+        """Whether the record exists, whoever owns it (not scoped to a tenant)."""
         return bool(await self._redis.exists(keys.knowledge_base(kb_id)))
 
     async def require(self, kb_id: str) -> KnowledgeBase:
@@ -171,7 +186,7 @@ class RedisKnowledgeBases:
         size = min(max(page_size or 50, 1), 1000)
         upper = f"({_parse_token(page_token)}" if page_token else "+"
         raw: Any = await self._redis.zrevrangebylex(
-            keys.KNOWLEDGE_BASES, upper, "-", start=0, num=size + 1
+            keys.tenant_knowledge_bases(caller_tenant()), upper, "-", start=0, num=size + 1
         )
         ids = [r.decode() for r in raw]
         page, more = ids[:size], len(ids) > size
@@ -183,10 +198,10 @@ class RedisKnowledgeBases:
         outcome: Any = await self._update(
             keys=[
                 keys.knowledge_base(old.id),
-                keys.knowledge_base_name(old.name),
-                keys.knowledge_base_name(new.name),
+                keys.knowledge_base_name(old.tenant, old.name),
+                keys.knowledge_base_name(old.tenant, new.name),
             ],
-            args=[old.id, *_flatten(encode(new))],
+            args=[old.id, *_flatten(encode(replace(new, tenant=old.tenant)))],
         )
         if outcome == b"missing":
             await self.require(old.id)
@@ -194,7 +209,7 @@ class RedisKnowledgeBases:
             raise AlreadyExists(
                 "KNOWLEDGE_BASE_EXISTS", f"a knowledge base named {new.name!r} already exists"
             )
-        return new
+        return replace(new, tenant=old.tenant)
 
     async def delete(self, kb: KnowledgeBase) -> None:
         """Removes the record, its name and its listing entry in one step. The
@@ -203,8 +218,8 @@ class RedisKnowledgeBases:
         await self._delete(
             keys=[
                 keys.knowledge_base(kb.id),
-                keys.knowledge_base_name(kb.name),
-                keys.KNOWLEDGE_BASES,
+                keys.knowledge_base_name(kb.tenant, kb.name),
+                keys.tenant_knowledge_bases(kb.tenant),
             ],
             args=[kb.id],
         )

@@ -11,6 +11,7 @@ import grpc
 
 from kbmesh.taskmanager.v1 import task_manager_pb2 as tm
 from kbmesh.taskmanager.v1 import task_manager_pb2_grpc as tm_grpc
+from services.common.auth import forwarded_credentials
 from services.common.errors import Unavailable
 
 # Already finished, or gone: nothing left to cancel.
@@ -31,6 +32,8 @@ class TaskCanceller:
             await self._stub.CancelTask(
                 tm.CancelTaskRequest(task_id=task_id, reason=reason[:500]),
                 timeout=self._timeout,
+                # On the caller's behalf: the Task Manager checks the task is theirs.
+                metadata=forwarded_credentials(),
             )
         except grpc.aio.AioRpcError as exc:
             if exc.code() in _NOTHING_TO_CANCEL:

@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass, field
 
 from services.common.errors import InvalidArgument
+from services.common.settings import DEFAULT_TENANT
 
 MAX_NAME_CHARS = 200
 MAX_DESCRIPTION_CHARS = 2000
@@ -39,6 +40,8 @@ class KnowledgeBase:
     labels: dict[str, str] = field(default_factory=dict)
     create_time_ms: int = 0
     update_time_ms: int = 0
+    # The owner: set by the store from the caller's credentials.
+    tenant: str = DEFAULT_TENANT
 
 
 def _invalid(reason: str, message: str) -> InvalidArgument:

@@ -66,6 +66,7 @@ def build_runtime(
             content_types=worker.content_types,
             reconnect_base_seconds=worker.reconnect_base_seconds,
             reconnect_cap_seconds=worker.reconnect_cap_seconds,
+            tls=settings.task_manager.tls,
         ),
         handler,
     )

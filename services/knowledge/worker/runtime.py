@@ -46,6 +46,8 @@ from kbmesh.knowledge.v1 import knowledge_pb2 as kn
 from kbmesh.taskmanager.v1 import task_manager_pb2 as tm
 from kbmesh.taskmanager.v1 import worker_pb2 as wk
 from kbmesh.taskmanager.v1 import worker_pb2_grpc as wk_grpc
+from services.common.settings import TlsClientSettings
+from services.common.tls import open_channel
 from services.knowledge.worker.handlers import (
     Job,
     JobFailed,
@@ -87,6 +89,8 @@ class WorkerConfig:
     content_types: tuple[str, ...] = ()
     reconnect_base_seconds: float = 0.1
     reconnect_cap_seconds: float = 5.0
+    # TLS to the Task Manager (plaintext when its ca_file is empty).
+    tls: TlsClientSettings = field(default_factory=TlsClientSettings)
 
 
 def reconnect_delay(failures: int, base: float, cap: float, rand: Callable[[], float]) -> float:
@@ -327,8 +331,9 @@ class WorkerRuntime:
         """One stream, until it ends (`_welcomed` says whether it got that far)."""
         config = self.config
         metadata = (("authorization", f"Bearer {config.token}"),)
-        async with grpc.aio.insecure_channel(
+        async with open_channel(
             config.address,
+            config.tls,
             options=[
                 ("grpc.keepalive_time_ms", 10_000),
                 ("grpc.keepalive_timeout_ms", 5_000),

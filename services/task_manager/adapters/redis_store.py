@@ -34,8 +34,8 @@ time, and the time of the retry for a retried task (it joins the back of its
 priority class). `QUEUE_DELAYED` holds PENDING tasks backing off, scored by
 the time they become ready.
 
-Indexes: `TASKS`, `kb_tasks(kb)`, `tasks_in_state(state)` and
-`kb_tasks_in_state(kb, state)`, all scored by create_time_ms. A task is in
+Indexes: `tenant_tasks(tenant)`, `kb_tasks(kb)`, `tasks_in_state(tenant,
+state)` and `kb_tasks_in_state(kb, state)`, all scored by create_time_ms. A task is in
 exactly the two state zsets of its current state; only the two Lua scripts
 below change a task's state, and they move it between the zsets in the same
 step.
@@ -113,6 +113,7 @@ from services.common.errors import (
 )
 from services.common.redis_boundary import as_text, redis_boundary, redis_errors
 from services.common.redis_pages import newest_first
+from services.common.settings import DEFAULT_TENANT
 from services.task_manager.domain.model import (
     CallbackAttempt,
     Chunking,
@@ -188,6 +189,7 @@ _ENCODERS: dict[str, Callable[[Task], str]] = {
     "next_attempt_time_ms": lambda t: str(t.next_attempt_time_ms),
     "lease_id": lambda t: t.lease_id,
     "lease_deadline_ms": lambda t: str(t.lease_deadline_ms),
+    "tenant": lambda t: t.tenant,
 }
 
 
@@ -261,6 +263,7 @@ def decode_task(fields: Fields) -> Task:
         next_attempt_time_ms=num("next_attempt_time_ms"),
         lease_id=f.get("lease_id", ""),
         lease_deadline_ms=num("lease_deadline_ms"),
+        tenant=f.get("tenant") or DEFAULT_TENANT,
     )
 
 
@@ -277,6 +280,7 @@ def encode_document(task: Task) -> dict[str, str]:
         "create_time_ms": str(task.create_time_ms),
         "update_time_ms": str(task.update_time_ms),
         "task_id": task.id,
+        "tenant": task.tenant,
     }
 
 
@@ -303,8 +307,8 @@ end
 """
 
 # KEYS: 1 knowledge base hash, 2 request key, 3 content key, 4 document hash, 5 task hash,
-#       6 task events, 7 TASKS, 8 kb tasks, 9 tasks in PENDING, 10 kb tasks in PENDING,
-#       11 QUEUE_READY, 12 kb documents.
+#       6 task events, 7 tenant tasks, 8 kb tasks, 9 tenant tasks in PENDING, 10 kb tasks
+#       in PENDING, 11 QUEUE_READY, 12 kb documents, 13 the tenant's usage (quotas).
 # ARGV[1]: JSON {request, force (booleans), request_ttl, maxlen (numbers), score, time_ms,
 #       task_id, document_id, wake (the QUEUE_WAKE channel) (strings), task, document
 #       (objects of string fields)}.
@@ -335,6 +339,8 @@ local created = spec.task.create_time_ms
 for i = 7, 10 do redis.call('ZADD', KEYS[i], created, spec.task_id) end
 redis.call('ZADD', KEYS[11], spec.score, spec.task_id)
 redis.call('ZADD', KEYS[12], created, spec.document_id)
+redis.call('HINCRBY', KEYS[13], 'bytes', spec.task.size_bytes)
+redis.call('HINCRBY', KEYS[13], 'documents', 1)
 if spec.wake then redis.call('PUBLISH', spec.wake, spec.task_id) end
 local event_id = redis.call('XADD', KEYS[6], 'MAXLEN', '~', spec.maxlen, '*',
   'event_type', 'STATE_CHANGED', 'event_time_ms', spec.time_ms, unpack(task))
@@ -468,8 +474,16 @@ class RedisTaskStore:
     # --- reads ---
 
     @redis_boundary
-    async def knowledge_base_exists(self, knowledge_base_id: str) -> bool:
-        return bool(await self._redis.exists(redis_keys.knowledge_base(knowledge_base_id)))
+    async def knowledge_base_tenant(self, knowledge_base_id: str) -> str | None:
+        """The owner of the knowledge base, None when it does not exist."""
+        # One command (every record has its id): no more connections held per
+        # upload than before tenants.
+        kb_id, tenant = await self._redis.hmget(
+            redis_keys.knowledge_base(knowledge_base_id), ["id", "tenant"]
+        )
+        if kb_id is None:
+            return None
+        return as_text(tenant) if tenant else DEFAULT_TENANT
 
     @redis_boundary
     async def get_task(self, task_id: str) -> Task | None:
@@ -512,12 +526,13 @@ class RedisTaskStore:
             redis_keys.document(task.document_id),
             redis_keys.task(task.id),
             redis_keys.task_events(task.id),
-            redis_keys.TASKS,
+            redis_keys.tenant_tasks(task.tenant),
             redis_keys.kb_tasks(kb),
-            redis_keys.tasks_in_state(TaskState.PENDING),
+            redis_keys.tasks_in_state(task.tenant, TaskState.PENDING),
             redis_keys.kb_tasks_in_state(kb, TaskState.PENDING),
             redis_keys.QUEUE_READY,
             redis_keys.kb_documents(kb),
+            redis_keys.tenant_usage(task.tenant),
         ]
         spec = _json(
             {
@@ -563,7 +578,13 @@ class RedisTaskStore:
 
     @redis_boundary
     async def list_tasks(
-        self, knowledge_base_id: str, state: TaskState | None, page_size: int, page_token: str
+        self,
+        knowledge_base_id: str,
+        state: TaskState | None,
+        page_size: int,
+        page_token: str,
+        *,
+        tenant: str = DEFAULT_TENANT,
     ) -> TaskPage:
         state_filter = "" if state is None else state.value
         if knowledge_base_id and state is not None:
@@ -571,21 +592,22 @@ class RedisTaskStore:
         elif knowledge_base_id:
             key = redis_keys.kb_tasks(knowledge_base_id)
         elif state is not None:
-            key = redis_keys.tasks_in_state(state)
+            key = redis_keys.tasks_in_state(tenant, state)
         else:
-            key = redis_keys.TASKS
+            key = redis_keys.tenant_tasks(tenant)
         ids, next_token = await newest_first(
             self._redis,
             key,
             redis_pages.page_size(page_size),
-            f"tasks:{knowledge_base_id}:{state_filter}",
+            f"tasks:{tenant}:{knowledge_base_id}:{state_filter}",
             page_token,
         )
         async with self._redis.pipeline(transaction=False) as pipe:
             for task_id in ids:
                 pipe.hgetall(redis_keys.task(task_id))
             records = await pipe.execute()
-        tasks = [decode_task(fields) for fields in records if fields]
+        # Only the tenant's tasks, whatever index was read.
+        tasks = [t for t in (decode_task(f) for f in records if f) if t.tenant == tenant]
         if state is not None:
             # A task that changed state since the index was read no longer belongs here.
             tasks = [t for t in tasks if t.state is state]
@@ -638,9 +660,9 @@ class RedisTaskStore:
         keys = [
             redis_keys.task(task.id),
             redis_keys.task_events(task.id),
-            redis_keys.tasks_in_state(task.state),
+            redis_keys.tasks_in_state(task.tenant, task.state),
             redis_keys.kb_tasks_in_state(kb, task.state),
-            redis_keys.tasks_in_state(after.state),
+            redis_keys.tasks_in_state(task.tenant, after.state),
             redis_keys.kb_tasks_in_state(kb, after.state),
         ]
 

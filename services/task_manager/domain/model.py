@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from services.common.settings import DEFAULT_TENANT
+
 
 class TaskState(StrEnum):
     PENDING = "PENDING"
@@ -104,6 +106,8 @@ class Task:
     # when it lapses unless renewed (ms since the epoch); "" / 0 otherwise.
     lease_id: str = ""
     lease_deadline_ms: int = 0
+    # The tenant owning the task (the owner of its knowledge base).
+    tenant: str = DEFAULT_TENANT
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from services.common.settings import DEFAULT_TENANT
 from services.task_manager.domain.model import Task, TaskEvent, TaskPage, TaskState
 
 
@@ -53,8 +54,18 @@ class CreateOutcome:
     duplicate: bool = False
 
 
+class Quotas(Protocol):
+    """Per-tenant quotas (adapters/redis_quotas.py)."""
+
+    async def admit(self, tenant: str, declared_bytes: int) -> int | None:
+        """Counts an upload; the bytes the tenant may still store (None: no
+        limit). Raises ResourceExhausted when a quota is used up. (Usage grows
+        in the same step that creates the task: TaskStore.create_ingestion.)"""
+
+
 class TaskStore(Protocol):
-    async def knowledge_base_exists(self, knowledge_base_id: str) -> bool: ...
+    async def knowledge_base_tenant(self, knowledge_base_id: str) -> str | None:
+        """The tenant owning the knowledge base; None when it does not exist."""
 
     async def task_for_request(self, knowledge_base_id: str, request_id: str) -> Task | None:
         """The task an earlier upload with this idempotency key created."""
@@ -74,9 +85,16 @@ class TaskStore(Protocol):
     async def get_task(self, task_id: str) -> Task | None: ...
 
     async def list_tasks(
-        self, knowledge_base_id: str, state: TaskState | None, page_size: int, page_token: str
+        self,
+        knowledge_base_id: str,
+        state: TaskState | None,
+        page_size: int,
+        page_token: str,
+        *,
+        tenant: str = DEFAULT_TENANT,
     ) -> TaskPage:
-        """Newest first. Raises InvalidArgument(INVALID_PAGE_TOKEN) on a foreign token."""
+        """The tenant's tasks, newest first. Raises InvalidArgument(INVALID_PAGE_TOKEN)
+        on a foreign token."""
 
     async def cancel(self, task_id: str, reason: str) -> Task:
         """PENDING → CANCELLED at once; RUNNING → cancel_requested. Raises

@@ -24,8 +24,9 @@ from services.common.errors import (
     ResourceExhausted,
 )
 from services.common.ids import new_id
+from services.common.settings import DEFAULT_TENANT
 from services.task_manager.domain.model import Chunking, Task, TaskState
-from services.task_manager.domain.ports import CreateOutcome, ObjectStore, TaskStore
+from services.task_manager.domain.ports import CreateOutcome, ObjectStore, Quotas, TaskStore
 
 MAX_FILENAME_CHARS = 255
 MAX_REQUEST_ID_CHARS = 128
@@ -65,6 +66,8 @@ class UploadHeader:
     priority: int = 0
     force: bool = False
     metadata: dict[str, str] = field(default_factory=dict)
+    # The caller's tenant (from its credentials, not from the message).
+    tenant: str = DEFAULT_TENANT
 
 
 @dataclass(frozen=True)
@@ -177,6 +180,25 @@ def guess_content_type(header: UploadHeader) -> str:
     return guessed or "application/octet-stream"
 
 
+def object_prefix(tenant: str, knowledge_base_id: str) -> str:
+    """Where a knowledge base's uploaded objects live: under the tenant's own
+    prefix, so a key or listing built for one tenant never reaches another's."""
+    return f"kb/{tenant}/{knowledge_base_id}/"
+
+
+async def _at_most(chunks: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
+    """`chunks`, failing once more than `limit` bytes came (the tenant's quota)."""
+    size = 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise ResourceExhausted(
+                "TENANT_STORAGE_QUOTA_EXCEEDED",
+                "this upload would exceed the tenant's storage quota",
+            )
+        yield chunk
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -184,10 +206,17 @@ def now_ms() -> int:
 class Uploads:
     """Runs uploads against a TaskStore and an ObjectStore, under admission control."""
 
-    def __init__(self, tasks: TaskStore, objects: ObjectStore, limits: UploadLimits) -> None:
+    def __init__(
+        self,
+        tasks: TaskStore,
+        objects: ObjectStore,
+        limits: UploadLimits,
+        quotas: Quotas | None = None,
+    ) -> None:
         self._tasks = tasks
         self._objects = objects
         self._limits = limits
+        self._quotas = quotas
         self._in_flight = 0
 
     @property
@@ -212,7 +241,8 @@ class Uploads:
 
     async def _upload(self, header: UploadHeader, chunks: AsyncIterator[bytes]) -> UploadResult:
         kb = header.knowledge_base_id
-        if not await self._tasks.knowledge_base_exists(kb):
+        # Another tenant's knowledge base is one that does not exist.
+        if await self._tasks.knowledge_base_tenant(kb) != header.tenant:
             raise NotFound(
                 "KNOWLEDGE_BASE_NOT_FOUND",
                 f"knowledge base {kb!r} does not exist",
@@ -231,9 +261,15 @@ class Uploads:
             raise too_large(limit)
         if await self._tasks.queue_depth() >= self._limits.max_queue_depth:
             raise self._busy("QUEUE_FULL", "the task queue is full; retry later")
+        if self._quotas is not None:
+            left = await self._quotas.admit(header.tenant, header.declared_size_bytes)
+            if left is not None:
+                chunks = _at_most(chunks, left)
 
         content_type = guess_content_type(header)
-        object_key = f"kb/{kb}/objects/{new_id()}"
+        # Under the tenant's prefix: a key built for one tenant never names
+        # another's object.
+        object_key = f"{object_prefix(header.tenant, kb)}objects/{new_id()}"
         size, sha256, last_byte = await self._store(header, object_key, content_type, chunks)
         created = now_ms()
         task = Task(
@@ -253,6 +289,7 @@ class Uploads:
             callback_url=header.callback_url,
             chunking=header.chunking,
             metadata=dict(header.metadata),
+            tenant=header.tenant,
         )
         try:
             outcome: CreateOutcome = await self._tasks.create_ingestion(

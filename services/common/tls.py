@@ -1,0 +1,50 @@
+"""TLS for the gRPC servers and the clients between services (docs/security.md).
+
+Servers: a certificate and key make the port TLS-only (plaintext is refused at
+the handshake); a client CA makes it mTLS: a client without a certificate
+signed by that CA is refused at the handshake. (gRPC Python either requires
+client certificates on a port or does not ask for them: there is no
+per-service choice, so mTLS for workers means mTLS for every client of the
+Task Manager — its workers, the Knowledge Service and the gateway.)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from services.common.settings import GrpcSettings, TlsClientSettings
+
+
+def _read(path: str) -> bytes:
+    return Path(path).read_bytes()
+
+
+def server_credentials(settings: GrpcSettings) -> grpc.ServerCredentials | None:
+    """None when TLS is not configured."""
+    if not settings.tls_cert_file:
+        return None
+    pair = (_read(settings.tls_key_file), _read(settings.tls_cert_file))
+    if settings.tls_client_ca_file:
+        return grpc.ssl_server_credentials(
+            [pair],
+            root_certificates=_read(settings.tls_client_ca_file),
+            require_client_auth=True,
+        )
+    return grpc.ssl_server_credentials([pair])
+
+
+def open_channel(
+    address: str, tls: TlsClientSettings, options: list[tuple[str, Any]] | None = None
+) -> grpc.aio.Channel:
+    """A channel to `address`: TLS when `tls.ca_file` is set, else plaintext."""
+    if not tls.ca_file:
+        return grpc.aio.insecure_channel(address, options=options)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=_read(tls.ca_file),
+        private_key=_read(tls.key_file) if tls.key_file else None,
+        certificate_chain=_read(tls.cert_file) if tls.cert_file else None,
+    )
+    return grpc.aio.secure_channel(address, credentials, options=options)

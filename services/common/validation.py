@@ -1,0 +1,116 @@
+"""A length bound on every string field of every public request.
+
+Each RPC checks its own fields with tighter, documented limits (names,
+filenames, queries…); this is the ceiling under all of them, applied to every
+message of every public RPC before its handler runs, so a field added to a
+proto later is bounded too. Bytes fields (file contents) are not strings and
+are bounded by the upload limits instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+
+from services.common.errors import InvalidArgument
+
+# The default ceiling, in characters, for any string field.
+MAX_STRING_CHARS = 16_384
+REASON = "FIELD_TOO_LONG"
+
+
+def _too_long(path: str, limit: int) -> InvalidArgument:
+    return InvalidArgument(
+        REASON,
+        f"{path} is longer than {limit} characters",
+        metadata={"field": path, "max_chars": str(limit)},
+    )
+
+
+def check_string_lengths(message: Message, limit: int = MAX_STRING_CHARS, prefix: str = "") -> None:
+    """Raises InvalidArgument(FIELD_TOO_LONG) naming the first string (or map
+    key/value, or repeated element) of `message` longer than `limit`."""
+    for field, value in message.ListFields():
+        path = f"{prefix}{field.name}"
+        if field.type == FieldDescriptor.TYPE_STRING:
+            values = value if field.is_repeated else [value]
+            for item in values:
+                if len(item) > limit:
+                    raise _too_long(path, limit)
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            if field.message_type is not None and field.message_type.GetOptions().map_entry:
+                for key, item in value.items():
+                    if isinstance(key, str) and len(key) > limit:
+                        raise _too_long(f"{path} key", limit)
+                    if isinstance(item, str):
+                        if len(item) > limit:
+                            raise _too_long(f"{path}[{key[:32]!r}]", limit)
+                    elif isinstance(item, Message):
+                        check_string_lengths(item, limit, f"{path}.")
+            elif field.is_repeated:
+                for item in value:
+                    check_string_lengths(item, limit, f"{path}.")
+            else:
+                check_string_lengths(value, limit, f"{path}.")
+
+
+if TYPE_CHECKING:
+    _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
+    _Handler = grpc.RpcMethodHandler[Any, Any]
+else:
+    _Interceptor = grpc.aio.ServerInterceptor
+    _Handler = grpc.RpcMethodHandler
+
+
+class StringBounds(_Interceptor):
+    """Checks every request message of every RPC, except of `exempt` services."""
+
+    def __init__(self, exempt: Iterable[str], limit: int = MAX_STRING_CHARS) -> None:
+        self._exempt = frozenset(exempt)
+        self._limit = limit
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[_Handler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> _Handler:
+        handler = await continuation(handler_call_details)
+        service = handler_call_details.method.lstrip("/").split("/", 1)[0]
+        if handler is None or service in self._exempt:
+            return handler
+        limit = self._limit
+
+        async def checked(requests: AsyncIterable[Any]) -> AsyncIterator[Any]:
+            async for request in requests:
+                check_string_lengths(request, limit)
+                yield request
+
+        def single(fn: Callable[..., Any]) -> Callable[..., Any]:
+            def wrapped(request: Any, context: Any) -> Any:
+                check_string_lengths(request, limit)
+                return fn(request, context)
+
+            return wrapped
+
+        def stream(fn: Callable[..., Any]) -> Callable[..., Any]:
+            def wrapped(requests: AsyncIterable[Any], context: Any) -> Any:
+                return fn(checked(requests), context)
+
+            return wrapped
+
+        kwargs = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(single(handler.unary_unary), **kwargs)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(single(handler.unary_stream), **kwargs)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(stream(handler.stream_unary), **kwargs)
+        assert handler.stream_stream is not None
+        return grpc.stream_stream_rpc_method_handler(stream(handler.stream_stream), **kwargs)
