@@ -365,6 +365,11 @@ async def test_a_killed_worker_s_task_completes_on_another_worker(
     task_id = await upload(tm_a, kb, "survivor", sleep="1.5")
     running = await reaches(tm_a, task_id, tm.Task.STATE_RUNNING, 10)
     assert running.worker_id == "w-doomed"
+
+    async def handler_started() -> bool:
+        return any(r["worker_id"] == "w-doomed" for r in await records(redis))
+
+    await eventually(handler_started, 10, "the doomed worker's handler starts")
     # Killed before the heir starts: a worker starting slowly on a busy machine
     # must not leave the doomed one time to finish the task.
     os.kill(doomed.pid, signal.SIGKILL)
