@@ -1,6 +1,7 @@
 """gRPC servicer of the Knowledge Service.
 
-RPCs that later work fills in answer UNIMPLEMENTED with reason NOT_IMPLEMENTED.
+Every RPC of KnowledgeService is implemented; an RPC a newer proto adds answers
+UNIMPLEMENTED with reason NOT_IMPLEMENTED (the generated base class).
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import grpc
 
 from kbmesh.knowledge.v1 import knowledge_pb2 as kn
 from kbmesh.knowledge.v1 import knowledge_pb2_grpc as kn_grpc
-from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unimplemented
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.ids import is_id, new_id
 from services.common.protos import enum_name, enum_value, timestamp
+from services.knowledge.adapters.document_tasks import DocumentTasks
 from services.knowledge.adapters.redis_documents import RedisDocuments
 from services.knowledge.adapters.redis_kb_store import RedisKnowledgeBases
 from services.knowledge.adapters.s3_objects import S3Objects
@@ -171,6 +173,14 @@ def _require_document_id(document_id: str) -> str:
     return document_id
 
 
+def _authorization(context: Context) -> str:
+    """The caller's `authorization` header, to forward to the Task Manager."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and isinstance(value, str):
+            return value
+    return ""
+
+
 def _document_not_found(kb_id: str, document_id: str) -> NotFound:
     return NotFound(
         "DOCUMENT_NOT_FOUND",
@@ -193,6 +203,7 @@ class KnowledgeApi(kn_grpc.KnowledgeServiceServicer):
         embedder: Embedder | None = None,
         objects: S3Objects | None = None,
         tasks: TaskCanceller | None = None,
+        queue: DocumentTasks | None = None,
     ) -> None:
         self._kbs = knowledge_bases
         self._documents = documents
@@ -200,6 +211,7 @@ class KnowledgeApi(kn_grpc.KnowledgeServiceServicer):
         self._embedder = embedder
         self._objects = objects
         self._tasks = tasks
+        self._queue = queue
 
     def _require_index(self) -> ChunkIndex:
         if self._index is None:
@@ -390,9 +402,11 @@ class KnowledgeApi(kn_grpc.KnowledgeServiceServicer):
         document = await self._documents.get(kb.id, document_id)
         if document is None:
             raise _document_not_found(kb.id, document_id)
-        # Cancel first, so a worker does not index the document again after its
-        # chunks are gone (a task already past its last progress report can
-        # still finish: see docs/search.md).
+        # Flag, then cancel, so a worker does not index the document again after
+        # its chunks are gone: a run already past its last progress report still
+        # writes, but checks the flag after writing and removes its own chunks
+        # (services/knowledge/ingest/pipeline.py).
+        await self._documents.mark_deleting(document)
         if document.state in _ACTIVE_STATES:
             await self._cancel(document.task_id, "document deleted")
         deleted = await index.delete_document(kb.id, document.id)
@@ -406,7 +420,34 @@ class KnowledgeApi(kn_grpc.KnowledgeServiceServicer):
     async def ReindexDocument(
         self, request: kn.ReindexDocumentRequest, context: Context
     ) -> kn.ReindexDocumentResponse:
-        raise Unimplemented("ReindexDocument")
+        kb_id = _require_kb_id(request.knowledge_base_id)
+        document_id = _require_document_id(request.document_id)
+        if len(request.request_id) > 128:
+            raise InvalidArgument("INVALID_REQUEST_ID", "request_id is at most 128 characters")
+        if self._queue is None:
+            raise FailedPrecondition(
+                "TASK_MANAGER_NOT_CONFIGURED", "this service cannot reach the Task Manager"
+            )
+        kb = await self._kbs.require(kb_id)
+        if await self._documents.get(kb.id, document_id) is None:
+            raise _document_not_found(kb.id, document_id)
+        # The Task Manager checks again, atomically (the document may go, or another
+        # run start, in between), and answers NOT_FOUND / DOCUMENT_TASK_ACTIVE itself.
+        task = await self._queue.enqueue(
+            kb.id,
+            document_id,
+            request.chunking if request.HasField("chunking") else None,
+            request.request_id,
+            authorization=_authorization(context),
+        )
+        document = await self._documents.get(kb.id, document_id)
+        if document is None:  # deleted right after the task was queued
+            raise _document_not_found(kb.id, document_id)
+        log.info(
+            "document re-index queued",
+            extra={"knowledge_base_id": kb.id, "document_id": document_id, "task_id": task.id},
+        )
+        return kn.ReindexDocumentResponse(task_id=task.id, document=document_to_proto(document))
 
     async def ListChunks(
         self, request: kn.ListChunksRequest, context: Context

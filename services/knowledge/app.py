@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from kbmesh.knowledge.v1 import knowledge_pb2_grpc
 from services.common.connections import open_redis, open_s3
 from services.common.host import ServiceHost
+from services.knowledge.adapters.document_tasks import DocumentTasks
 from services.knowledge.adapters.redis_documents import RedisDocuments
 from services.knowledge.adapters.redis_kb_store import RedisKnowledgeBases
 from services.knowledge.adapters.s3_objects import S3Objects
@@ -90,6 +91,7 @@ async def build_app(settings: KnowledgeSettings) -> AsyncIterator[KnowledgeApp]:
             embedder=embedder,
             objects=S3Objects(s3, settings.s3.bucket),
             tasks=TaskCanceller(channel),
+            queue=DocumentTasks(channel),
         )
         knowledge_pb2_grpc.add_KnowledgeServiceServicer_to_server(api, host.server)
         if settings.index.optimize_interval_seconds > 0:

@@ -65,8 +65,11 @@ def decode_document(document_id: str, record: dict[Any, Any], task: list[Any]) -
         )
         if parsed_error
         else None,
-        chunk_count=int(parsed_result.get("chunk_count", 0)),
-        page_count=int(parsed_result.get("page_count", 0)),
+        # Until the latest task has a result (a re-index pending, running, failed or
+        # cancelled), the previous run's chunks are the searchable ones: the Task
+        # Manager copies its counts into the record when it queues the re-index.
+        chunk_count=int(parsed_result.get("chunk_count", f.get("chunk_count") or 0)),
+        page_count=int(parsed_result.get("page_count", f.get("page_count") or 0)),
         metadata=json.loads(f.get("metadata") or "{}"),
         create_time_ms=int(f.get("create_time_ms") or 0),
         update_time_ms=max(int(f.get("update_time_ms") or 0), int(task_updated or 0)),
@@ -115,6 +118,23 @@ class RedisDocuments:
         if state:
             documents = [d for d in documents if d.state == state]
         return DocumentPage(documents, token)
+
+    async def current_task(self, knowledge_base_id: str, document_id: str) -> str | None:
+        """The document's latest task id, or None when the document is gone, is of
+        another knowledge base, or is being deleted (the ingestion handler's check
+        before and after it writes chunks)."""
+        kb, task_id, deleting = await self._redis.hmget(
+            redis_keys.document(document_id), ["knowledge_base_id", "task_id", "deleting"]
+        )
+        if _text(kb) != knowledge_base_id or _text(deleting) == "1":
+            return None
+        return _text(task_id)
+
+    async def mark_deleting(self, document: Document) -> None:
+        """Flags the record before its chunks go: from here on an ingestion run
+        that writes chunks sees the document as deleted and removes them again,
+        and no re-index can be queued for it."""
+        await self._redis.hset(redis_keys.document(document.id), "deleting", "1")
 
     async def ids(self, knowledge_base_id: str) -> builtins.list[str]:
         """Every document id of the knowledge base (for deleting it)."""

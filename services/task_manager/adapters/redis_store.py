@@ -113,6 +113,7 @@ from services.common.errors import (
 )
 from services.common.redis_boundary import as_text, redis_boundary, redis_errors
 from services.common.redis_pages import newest_first
+from services.task_manager.domain.document_tasks import Requeued, StoredDocument
 from services.task_manager.domain.model import (
     CallbackAttempt,
     Chunking,
@@ -342,6 +343,46 @@ return {'created', event_id}
 """
 )
 
+# KEYS: 1 knowledge base hash, 2 request key, 3 document hash, 4 the document's previous
+#       task hash, 5 new task hash, 6 its events, 7 TASKS, 8 kb tasks, 9 tasks in PENDING,
+#       10 kb tasks in PENDING, 11 QUEUE_READY.
+# ARGV[1]: JSON {request (boolean), request_ttl, maxlen (numbers), knowledge_base_id,
+#       previous_task_id, score, time_ms, task_id, wake (strings), task, document (objects
+#       of string fields: the document fields to set)}.
+# Answers {"created", event id} | {"exists"} (a resent command) | {"replayed", task id} |
+# {"kb_missing"} | {"document_missing"} | {"moved"} (the document's latest task is not
+# previous_task_id any more) | {"active", state} (that task is PENDING or RUNNING).
+_REQUEUE = (
+    _FLAT
+    + """
+local spec = cjson.decode(ARGV[1])
+if redis.call('EXISTS', KEYS[5]) == 1 then return {'exists'} end
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'kb_missing'} end
+if spec.request then
+  local earlier = redis.call('GET', KEYS[2])
+  if earlier then return {'replayed', earlier} end
+end
+local doc = redis.call('HMGET', KEYS[3], 'knowledge_base_id', 'task_id', 'deleting')
+if doc[1] ~= spec.knowledge_base_id or doc[3] == '1' then return {'document_missing'} end
+if (doc[2] or '') ~= spec.previous_task_id then return {'moved'} end
+local state = redis.call('HGET', KEYS[4], 'state')
+if state == 'PENDING' or state == 'RUNNING' then return {'active', state} end
+local task = flat(spec.task)
+redis.call('HSET', KEYS[5], unpack(task))
+redis.call('HSET', KEYS[3], unpack(flat(spec.document)))
+if spec.request then
+  redis.call('SET', KEYS[2], spec.task_id, 'EX', spec.request_ttl)
+end
+local created = spec.task.create_time_ms
+for i = 7, 10 do redis.call('ZADD', KEYS[i], created, spec.task_id) end
+redis.call('ZADD', KEYS[11], spec.score, spec.task_id)
+if spec.wake then redis.call('PUBLISH', spec.wake, spec.task_id) end
+local event_id = redis.call('XADD', KEYS[6], 'MAXLEN', '~', spec.maxlen, '*',
+  'event_type', 'STATE_CHANGED', 'event_time_ms', spec.time_ms, unpack(task))
+return {'created', event_id}
+"""
+)
+
 # KEYS: 1 task hash, 2 task events, 3-4 the state zsets (all, knowledge base) of the state
 #       the task is in, 5-6 those of the state it goes to (the same when it stays), 7.. zsets
 #       named by spec.zadd / spec.zrem and the idempotency key spec.once, by index.
@@ -464,6 +505,7 @@ class RedisTaskStore:
         self._watch_block_ms = watch_block_ms
         self._create = redis.register_script(_CREATE)
         self._transition = redis.register_script(_TRANSITION)
+        self._requeue = redis.register_script(_REQUEUE)
 
     # --- reads ---
 
@@ -558,6 +600,88 @@ class RedisTaskStore:
             else:
                 raise RuntimeError(f"unexpected answer from the create script: {reply!r}")
         raise _conflicted(task.id)
+
+    # --- re-index (domain/document_tasks.py) ---
+
+    @redis_boundary
+    async def stored_document(self, document_id: str) -> StoredDocument | None:
+        raw = await self._redis.hgetall(redis_keys.document(document_id))
+        if not raw:
+            return None
+        f = _texts(raw)
+        if f.get("deleting") == "1":
+            return None  # DeleteDocument has begun: it is gone for everything new
+        return StoredDocument(
+            id=document_id,
+            knowledge_base_id=f.get("knowledge_base_id", ""),
+            filename=f.get("filename", ""),
+            content_type=f.get("content_type", ""),
+            size_bytes=int(f.get("size_bytes") or 0),
+            sha256=f.get("sha256", ""),
+            object_key=f.get("object_key", ""),
+            task_id=f.get("task_id", ""),
+            metadata=dict(json.loads(f.get("metadata") or "{}")),
+        )
+
+    @redis_boundary
+    async def requeue(self, task: Task, previous_task_id: str, request_id: str) -> Requeued:
+        if task.state is not TaskState.PENDING:
+            raise ValueError(f"a new task must be PENDING, not {task.state}")
+        kb = task.knowledge_base_id
+        previous_result = None
+        if previous_task_id:
+            earlier = await self.get_task(previous_task_id)
+            previous_result = earlier.result if earlier is not None else None
+        document_fields = {"task_id": task.id, "update_time_ms": str(task.create_time_ms)}
+        if previous_result is not None:
+            # What is searchable until the new run replaces it (the Knowledge
+            # Service shows it while the new task has no result).
+            document_fields["chunk_count"] = str(previous_result.chunk_count)
+            document_fields["page_count"] = str(previous_result.page_count)
+        keys = [
+            redis_keys.knowledge_base(kb),
+            redis_keys.document_reindex_request(task.document_id, request_id),
+            redis_keys.document(task.document_id),
+            redis_keys.task(previous_task_id),
+            redis_keys.task(task.id),
+            redis_keys.task_events(task.id),
+            redis_keys.TASKS,
+            redis_keys.kb_tasks(kb),
+            redis_keys.tasks_in_state(TaskState.PENDING),
+            redis_keys.kb_tasks_in_state(kb, TaskState.PENDING),
+            redis_keys.QUEUE_READY,
+        ]
+        spec = _json(
+            {
+                "request": bool(request_id),
+                "request_ttl": self._request_ttl,
+                "maxlen": self._event_history,
+                "knowledge_base_id": kb,
+                "previous_task_id": previous_task_id,
+                "score": str(queue_score(task.priority, task.create_time_ms)),
+                "time_ms": str(task.create_time_ms),
+                "task_id": task.id,
+                "wake": redis_keys.QUEUE_WAKE,
+                "task": encode_task(task),
+                "document": document_fields,
+            }
+        )
+        reply = await self._requeue(keys=keys, args=[spec])
+        status = as_text(reply[0])
+        if status in ("created", "exists"):
+            return Requeued("created", task)
+        if status == "replayed":
+            earlier_task = await self.get_task(as_text(reply[1]))
+            return Requeued("replayed", earlier_task) if earlier_task else Requeued("moved")
+        if status == "active":
+            return Requeued("active", state=as_text(reply[1]))
+        if status == "moved":
+            return Requeued("moved")
+        if status == "document_missing":
+            return Requeued("document_missing")
+        if status == "kb_missing":
+            return Requeued("knowledge_base_missing")
+        raise RuntimeError(f"unexpected answer from the requeue script: {reply!r}")
 
     # --- listing ---
 
