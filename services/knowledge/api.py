@@ -6,7 +6,6 @@ UNIMPLEMENTED with reason NOT_IMPLEMENTED (the generated base class).
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import logging
@@ -38,6 +37,8 @@ from services.knowledge.domain.knowledge_bases import (
     validate_name,
 )
 from services.knowledge.domain.search import validate_search
+from services.knowledge.ingest.query_embedding import QueryEmbedders
+from services.knowledge.settings import EmbeddingSettings
 
 log = logging.getLogger(__name__)
 
@@ -204,11 +205,12 @@ class KnowledgeApi(kn_grpc.KnowledgeServiceServicer):
         objects: S3Objects | None = None,
         tasks: TaskCanceller | None = None,
         queue: DocumentTasks | None = None,
+        embedding: EmbeddingSettings | None = None,
     ) -> None:
         self._kbs = knowledge_bases
         self._documents = documents
         self._index = index
-        self._embedder = embedder
+        self._queries = QueryEmbedders(embedder, embedding)
         self._objects = objects
         self._tasks = tasks
         self._queue = queue
@@ -497,28 +499,9 @@ class KnowledgeApi(kn_grpc.KnowledgeServiceServicer):
         index = self._require_index()
         vector: list[float] | None = None
         if query.mode != "keyword":
-            vector = await self._embed_query(query.text, kb.embedding_dimensions)
+            vector = await self._queries.embed(kb, query.text)
         hits = await index.search(kb.id, query.mode, query.text, vector, query.top_k, query.filters)
         return kn.SearchResponse(
             results=[_result(h) for h in hits if h.score >= query.score_threshold],
             mode=_MODE_ENUM[query.mode],
         )
-
-    async def _embed_query(self, text: str, dimensions: int) -> list[float]:
-        embedder = self._embedder
-        if embedder is None:
-            raise FailedPrecondition(
-                "INGESTION_NOT_AVAILABLE",
-                "this service has no embedding model: vector and hybrid search are "
-                "not available; keyword search is",
-            )
-        if dimensions and embedder.dimensions != dimensions:
-            raise FailedPrecondition(
-                "EMBEDDING_DIMENSION_MISMATCH",
-                f"the knowledge base holds {dimensions}-dimensional vectors; this "
-                f"service embeds queries with {embedder.model} ({embedder.dimensions})",
-                metadata={"expected": str(dimensions), "got": str(embedder.dimensions)},
-            )
-        # CPU-bound (the ONNX model): off the event loop.
-        vectors = await asyncio.to_thread(embedder.embed, [text])
-        return vectors[0]

@@ -92,6 +92,7 @@ async def build_app(settings: KnowledgeSettings) -> AsyncIterator[KnowledgeApp]:
             objects=S3Objects(s3, settings.s3.bucket),
             tasks=TaskCanceller(channel),
             queue=DocumentTasks(channel),
+            embedding=settings.embedding,
         )
         knowledge_pb2_grpc.add_KnowledgeServiceServicer_to_server(api, host.server)
         if settings.index.optimize_interval_seconds > 0:

@@ -36,6 +36,7 @@ from services.knowledge.ingest.embedding import OnnxMiniLM, shared_minilm
 from services.knowledge.ingest.errors import DocumentRejected, IngestUnavailable, Stopped
 from services.knowledge.ingest.openai_embedding import OpenAIEmbedder
 from services.knowledge.ingest.parsers import Parsed, parse
+from services.knowledge.ingest.query_embedding import remote_embedder
 from services.knowledge.ingest.sniff import MEDIA_TYPES, SNIFF_BYTES, Kind, sniff
 from services.knowledge.settings import EmbeddingSettings, IngestSettings, KnowledgeSettings
 from services.knowledge.worker.handlers import (
@@ -194,16 +195,10 @@ class IngestHandler:
                 )
             remote = self._remote.get(kb.embedding_model)
             if remote is None:
-                remote = OpenAIEmbedder(
-                    base_url=settings.openai_base_url,
-                    model=kb.embedding_model,
-                    api_key=settings.openai_api_key.get_secret_value(),
-                    batch_size=settings.openai_batch_size,
-                    max_attempts=settings.openai_max_attempts,
-                    backoff_base_seconds=settings.openai_backoff_base_seconds,
-                    backoff_cap_seconds=settings.openai_backoff_cap_seconds,
-                    timeout_seconds=settings.openai_timeout_seconds,
-                    dimensions=kb.embedding_dimensions,
+                remote = remote_embedder(
+                    settings,
+                    kb.embedding_model,
+                    kb.embedding_dimensions,
                     count_tokens=self._local.count_tokens,
                 )
                 self._remote[kb.embedding_model] = remote
