@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import builtins
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio import Redis
@@ -156,6 +157,21 @@ class RedisDocuments:
             ],
             args=[document.id, outcome, DELETE_REQUEST_TTL_SECONDS],
         )
+
+    async def load(self, ids: builtins.list[str]) -> builtins.list[Document]:
+        """The records of these ids that still exist (two pipelined round trips)."""
+        return await self._load(ids)
+
+    async def delete_many(self, knowledge_base_id: str, documents: Sequence[Document]) -> None:
+        """Removes the records of a knowledge base being deleted, in one round trip:
+        no upload can add to it any more, so the content-hash entries go as they are."""
+        if not documents:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.delete(*(redis_keys.document(d.id) for d in documents))
+            pipe.delete(*(redis_keys.kb_content(knowledge_base_id, d.sha256) for d in documents))
+            pipe.zrem(redis_keys.kb_documents(knowledge_base_id), *(d.id for d in documents))
+            await pipe.execute()
 
     async def deleted_by_request(self, document_id: str, request_id: str) -> str | None:
         """The outcome a successful DeleteDocument with this request_id stored."""
