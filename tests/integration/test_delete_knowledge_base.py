@@ -53,7 +53,7 @@ async def test_delete_knowledge_base_in_bulk(stack: Stack) -> None:
         def stored() -> int:
             count, token = 0, None
             while True:
-                extra = {"ContinuationToken": token} if token else {}
+                extra: dict[str, str] = {"ContinuationToken": token} if token else {}
                 page = s3.list_objects_v2(Bucket=stack.s3.bucket, Prefix=prefix, **extra)
                 count += int(page.get("KeyCount", 0))
                 token = page.get("NextContinuationToken")
