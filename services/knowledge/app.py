@@ -1,6 +1,7 @@
 """Composition root of the Knowledge Service: opens Redis, S3 and the chunk index,
 builds the servicer, runs index maintenance, and runs a knowledge worker beside
-it (`worker.enabled`)."""
+it (`worker.enabled`): a child process by default, or in this process
+(`worker.isolation`)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from services.knowledge.index.location import connect
 from services.knowledge.index.maintenance import run_maintenance
 from services.knowledge.settings import KnowledgeSettings
 from services.knowledge.worker.app import build_runtime
+from services.knowledge.worker.process import WorkerProcess
 
 ERROR_DOMAIN = "knowledge.kbmesh"
 # The ingestion pipeline's ONNX MiniLM: one model per process, shared by the
@@ -108,13 +110,20 @@ async def build_app(settings: KnowledgeSettings) -> AsyncIterator[KnowledgeApp]:
                     await maintenance
 
             stack.push_async_callback(stop_maintenance)
-        if settings.worker.enabled:
+        grace = settings.worker.shutdown_grace_seconds
+        if settings.worker.enabled and settings.worker.isolation == "process":
+            # Pipeline CPU work in a child process at a lower priority: it cannot
+            # starve the searches here (services/knowledge/worker/process.py).
+            child = WorkerProcess(shutdown_grace_seconds=grace)
+            child.start()
+            stack.push_async_callback(child.close)
+            host.add_drain_hook(lambda: child.drain(grace))
+        elif settings.worker.enabled:
             # The same index object: chunks the in-process worker writes are
             # searchable here at once, not after the read-consistency interval.
             worker = build_runtime(settings, redis, s3, index=index)
             worker.start()
             stack.push_async_callback(worker.close)
             # SIGTERM: the worker takes no new tasks, finishes or hands back the rest.
-            grace = settings.worker.shutdown_grace_seconds
             host.add_drain_hook(lambda: worker.drain(grace))
         yield KnowledgeApp(settings=settings, redis=redis, s3=s3, host=host)

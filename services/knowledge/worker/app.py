@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from services.common.connections import open_redis, open_s3
 from services.knowledge.settings import KnowledgeSettings
 from services.knowledge.worker.handlers import HandlerFactory, WorkerResources
+from services.knowledge.worker.process import watch_parent
 from services.knowledge.worker.runtime import WorkerConfig, WorkerRuntime, default_worker_id
 
 log = logging.getLogger(__name__)
@@ -82,13 +83,15 @@ async def build_worker(settings: KnowledgeSettings) -> AsyncIterator[WorkerRunti
         yield runtime
 
 
-async def serve_worker(settings: KnowledgeSettings) -> None:
-    """Run the worker until SIGTERM/SIGINT, then drain within the grace period."""
+async def serve_worker(settings: KnowledgeSettings, *, parent_pid: int = 0) -> None:
+    """Run the worker until SIGTERM/SIGINT (or, with `parent_pid`, until that
+    process is gone), then drain within the grace period."""
     async with build_worker(settings) as runtime:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        watcher = asyncio.create_task(watch_parent(parent_pid, stop)) if parent_pid else None
         runner = runtime.start()
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait({runner, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -96,3 +99,5 @@ async def serve_worker(settings: KnowledgeSettings) -> None:
             log.info("signal received, draining the worker")
             await runtime.drain(settings.worker.shutdown_grace_seconds)
         stopped.cancel()
+        if watcher is not None:
+            watcher.cancel()
