@@ -16,9 +16,11 @@ service's own `maintain`: ANN vector index + optimize). Then, in the same run:
    enough to keep both cores busy, each a merge_insert of 32 chunks embedded by
    the real ONNX MiniLM when installed) — searchers and writers share the
    2 cores. Twice: the writer at the API's CPU priority ("grpc+ingest"), then
-   at the niceness the service's worker process gives itself (`worker.nice`,
-   "+ingest n10"): the Knowledge Service runs its worker that way by default
-   (`worker.isolation=process`).
+   at the niceness the service's worker process gives itself (`worker.nice`)
+   and running index maintenance every `--maintain-seconds` in the writer
+   ("+ingest n10+maint"): the Knowledge Service runs its worker, and the
+   maintenance passes, that way by default (`worker.isolation=process`). Each
+   is followed by a quiet run ("after …") over the table as the writer left it.
 
 Queries are embedded by the hash embedder on both sides
 (`search.query_embedder=hash`), so both sides do the same index work; the real
@@ -87,7 +89,7 @@ WRITER = textwrap.dedent(
         from services.knowledge.index.hash_embedder import HashEmbedder
         embedder = HashEmbedder()
     uri, kb, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
-    nice, writers = int(sys.argv[4]), int(sys.argv[5])
+    nice, writers, maintain_every = int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6])
     index = LanceChunkIndex(connect(IndexSettings(uri=uri), S3Settings()))
     words = "ingest pipeline writes chunks while searches run on the same cores".split()
 
@@ -103,8 +105,14 @@ WRITER = textwrap.dedent(
             await index.replace_document(kb, doc, chunks)
             n += 1
 
+    async def maintain():
+        # What the service's worker child runs (services/knowledge/index/maintenance.py).
+        while maintain_every > 0:
+            await asyncio.sleep(maintain_every)
+            await asyncio.to_thread(index.maintain_all)
+
     async def main():
-        await asyncio.gather(*(write(w) for w in range(writers)))
+        await asyncio.gather(maintain(), *(write(w) for w in range(writers)))
 
     asyncio.run(main())
     """
@@ -288,6 +296,12 @@ def main() -> None:
     parser.add_argument(
         "--writers", type=int, default=2, help="concurrent embed+write loops while ingesting"
     )
+    parser.add_argument(
+        "--maintain-seconds",
+        type=float,
+        default=IndexSettings().optimize_interval_seconds,
+        help="maintenance interval of the second ingestion run (the worker's default)",
+    )
     args = parser.parse_args()
     rng = np.random.default_rng(3)
     words = vocabulary(20_000, rng)
@@ -349,9 +363,23 @@ def main() -> None:
             # The same writer twice: at the API's priority (as a worker in the
             # service's process, or any worker not lowered, competes), then at the
             # niceness the service's worker process takes (worker.nice).
-            for label, nice in (("grpc+ingest", 0), (f"+ingest n{WORKER_NICE}", WORKER_NICE)):
+            phases = (
+                ("grpc+ingest", 0, 0.0),
+                (f"+ingest n{WORKER_NICE}+maint", WORKER_NICE, args.maintain_seconds),
+            )
+            for label, nice, every in phases:
                 writer = subprocess.Popen(
-                    [sys.executable, "-c", WRITER, uri, kb, "3600", str(nice), str(args.writers)],
+                    [
+                        sys.executable,
+                        "-c",
+                        WRITER,
+                        uri,
+                        kb,
+                        "3600",
+                        str(nice),
+                        str(args.writers),
+                        str(every),
+                    ],
                     cwd=Path(__file__).resolve().parent.parent,
                 )
                 try:

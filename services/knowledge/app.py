@@ -97,7 +97,9 @@ async def build_app(settings: KnowledgeSettings) -> AsyncIterator[KnowledgeApp]:
             embedding=settings.embedding,
         )
         knowledge_pb2_grpc.add_KnowledgeServiceServicer_to_server(api, host.server)
-        if settings.index.optimize_interval_seconds > 0:
+        child_worker = settings.worker.enabled and settings.worker.isolation == "process"
+        maintain = settings.index.optimize_interval_seconds > 0
+        if maintain and not child_worker:
             maintenance = asyncio.create_task(
                 run_maintenance(
                     index, settings.index.optimize_interval_seconds, knowledge_bases.exists
@@ -111,10 +113,13 @@ async def build_app(settings: KnowledgeSettings) -> AsyncIterator[KnowledgeApp]:
 
             stack.push_async_callback(stop_maintenance)
         grace = settings.worker.shutdown_grace_seconds
-        if settings.worker.enabled and settings.worker.isolation == "process":
+        if child_worker:
             # Pipeline CPU work in a child process at a lower priority: it cannot
-            # starve the searches here (services/knowledge/worker/process.py).
-            child = WorkerProcess(shutdown_grace_seconds=grace)
+            # starve the searches here (services/knowledge/worker/process.py). Index
+            # maintenance (compaction, index updates) is CPU work too: it runs there.
+            child = WorkerProcess(
+                shutdown_grace_seconds=grace, extra_args=["--maintain"] if maintain else []
+            )
             child.start()
             stack.push_async_callback(child.close)
             host.add_drain_hook(lambda: child.drain(grace))

@@ -138,7 +138,7 @@ class IndexSettings(BaseModel):
     read_consistency_seconds: float = Field(default=0.5, ge=0, le=60)
     # Background maintenance (compaction, folding new rows into the indexes,
     # building the vector index): seconds between runs; 0 disables it.
-    optimize_interval_seconds: float = Field(default=60.0, ge=0)
+    optimize_interval_seconds: float = Field(default=10.0, ge=0)
     # A knowledge base gets an ANN vector index once it holds this many chunks;
     # below it, exact search is fast enough and exact.
     vector_index_min_rows: int = Field(default=20_000, ge=256)

@@ -7,6 +7,7 @@ and `python -m services.knowledge.worker` (the worker alone).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import logging
 import signal
@@ -73,20 +74,48 @@ def build_runtime(
 
 
 @asynccontextmanager
-async def build_worker(settings: KnowledgeSettings) -> AsyncIterator[WorkerRuntime]:
-    """The worker alone, with the connections a handler may need."""
+async def build_worker(
+    settings: KnowledgeSettings, *, maintain: bool = False
+) -> AsyncIterator[WorkerRuntime]:
+    """The worker alone, with the connections a handler may need. `maintain`: this
+    process also runs the index maintenance passes (the Knowledge Service hands
+    them to its worker child, so that CPU work runs at the worker's priority)."""
     async with AsyncExitStack() as stack:
         redis = await stack.enter_async_context(open_redis(settings.redis))
         s3 = await stack.enter_async_context(open_s3(settings.s3))
-        runtime = build_runtime(settings, redis, s3)
+        index: Any = None
+        interval = settings.index.optimize_interval_seconds
+        if maintain and interval > 0:
+            from services.knowledge.adapters.redis_kb_store import RedisKnowledgeBases
+            from services.knowledge.index.lance_index import LanceChunkIndex
+            from services.knowledge.index.location import connect
+            from services.knowledge.index.maintenance import run_maintenance
+
+            index = LanceChunkIndex(
+                await asyncio.to_thread(connect, settings.index, settings.s3),
+                vector_index_min_rows=settings.index.vector_index_min_rows,
+            )
+            maintenance = asyncio.create_task(
+                run_maintenance(index, interval, RedisKnowledgeBases(redis).exists)
+            )
+
+            async def stop_maintenance() -> None:
+                maintenance.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await maintenance
+
+            stack.push_async_callback(stop_maintenance)
+        runtime = build_runtime(settings, redis, s3, index=index)
         stack.push_async_callback(runtime.close)
         yield runtime
 
 
-async def serve_worker(settings: KnowledgeSettings, *, parent_pid: int = 0) -> None:
+async def serve_worker(
+    settings: KnowledgeSettings, *, parent_pid: int = 0, maintain: bool = False
+) -> None:
     """Run the worker until SIGTERM/SIGINT (or, with `parent_pid`, until that
     process is gone), then drain within the grace period."""
-    async with build_worker(settings) as runtime:
+    async with build_worker(settings, maintain=maintain) as runtime:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -55,8 +55,14 @@ async def watch_parent(parent_pid: int, stop: asyncio.Event, every: float = 1.0)
 
 
 class WorkerProcess:
-    def __init__(self, *, shutdown_grace_seconds: float, argv: Sequence[str] | None = None):
-        self._argv = list(argv or (sys.executable, "-m", "services.knowledge.worker"))
+    def __init__(
+        self,
+        *,
+        shutdown_grace_seconds: float,
+        argv: Sequence[str] | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        self._argv = [*(argv or (sys.executable, "-m", "services.knowledge.worker")), *extra_args]
         self._grace = shutdown_grace_seconds
         self._process: asyncio.subprocess.Process | None = None
         self._stopping = False

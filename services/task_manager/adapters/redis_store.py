@@ -21,7 +21,10 @@ not break records written earlier.
 
 Document record (hash `document(id)`): knowledge_base_id, filename,
 content_type, size_bytes, sha256, object_key, metadata (JSON), create_time_ms,
-update_time_ms, task_id (the document's latest task). Its id is also in the
+update_time_ms, task_id (the document's latest task); a re-index adds
+chunk_count and page_count (the previous run's result, shown until the new run
+has one), and DeleteDocument sets deleting = "1" before it removes chunks. Its
+id is also in the
 knowledge base's `kb_documents` zset, and `kb_content(kb, sha256)` points at
 the newest document holding those bytes.
 
@@ -36,7 +39,7 @@ the time they become ready.
 
 Indexes: `TASKS`, `kb_tasks(kb)`, `tasks_in_state(state)` and
 `kb_tasks_in_state(kb, state)`, all scored by create_time_ms. A task is in
-exactly the two state zsets of its current state; only the two Lua scripts
+exactly the two state zsets of its current state; only the Lua scripts
 below change a task's state, and they move it between the zsets in the same
 step.
 
@@ -47,12 +50,18 @@ task record after the change, so a watcher rebuilds the task from the entry
 alone, from any replica. The entry id (e.g. "1732874400000-0") is the event id
 clients resume from.
 
-Atomicity: two Lua scripts, run with EVALSHA (`register_script`).
+Atomicity: three Lua scripts, run with EVALSHA (`register_script`).
 
 - `_CREATE` writes an upload's document, task, indexes, queue entry,
   idempotency key, content-hash entry and first event, after checking in the
   same step that the knowledge base still exists and that no earlier upload
   took the request id (or, without force, the bytes).
+- `_REQUEUE` queues a new task for a stored document (re-index,
+  domain/document_tasks.py): after checking in the same step that the knowledge
+  base exists, that the request id is new, that the document is still there
+  (not being deleted) with the task the caller read as its latest, and that
+  this task is not PENDING or RUNNING, it writes the task, its indexes, queue
+  entry, idempotency key and first event, and points the document at it.
 - `_TRANSITION` is the one way a task changes after that: it compares guard
   fields (always the state the caller read, optionally more), sets fields,
   moves the task between state zsets, adds or removes it from other zsets
@@ -62,7 +71,7 @@ Atomicity: two Lua scripts, run with EVALSHA (`register_script`).
   optimistic concurrency, bounded retries on conflict. `cancel` and `retry`
   are built on it through `RedisTaskStore.transition`.
 
-Wake-ups: both scripts PUBLISH on `QUEUE_WAKE` when they add a task to
+Wake-ups: the scripts PUBLISH on `QUEUE_WAKE` when they add a task to
 QUEUE_READY, and `cancel` publishes the task id on `DISPATCH_CANCEL` when it
 flags a RUNNING task, in the same atomic step (pub/sub is fire-and-forget:
 the dispatcher also polls, see services/task_manager/dispatch.py).
