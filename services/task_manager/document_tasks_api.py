@@ -1,5 +1,8 @@
 """gRPC servicer of `DocumentTaskService` (internal: the Knowledge Service's
-re-index queues its task here; no REST mapping, not routed by the gateway)."""
+re-index queues its task here; no REST mapping). The gateway's native-gRPC
+route for `/kbmesh.taskmanager.v1.` reaches it as it reaches every Task
+Manager RPC; it does nothing a caller could not do with
+`KnowledgeService.ReindexDocument`, and callers authenticate the same way."""
 
 from __future__ import annotations
 
