@@ -139,3 +139,9 @@ def kb_delete_request(kb_id: str, request_id: str) -> str:
     """string: JSON outcome of DeleteKnowledgeBase with this idempotency key, so a
     retry after success answers OK again (expires)."""
     return f"{PREFIX}kb:{kb_id}:delete-request:{request_id}"
+
+
+def document_reindex_request(document_id: str, request_id: str) -> str:
+    """string: id of the task a re-index (EnqueueDocumentTask) with this idempotency
+    key queued for the document (expires)."""
+    return f"{PREFIX}doc:{document_id}:reindex-request:{request_id}"

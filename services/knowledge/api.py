@@ -1,6 +1,7 @@
 """gRPC servicer of the Knowledge Service.
 
-RPCs that later work fills in answer UNIMPLEMENTED with reason NOT_IMPLEMENTED.
+Every RPC of KnowledgeService is implemented; an RPC a newer proto adds answers
+UNIMPLEMENTED with reason NOT_IMPLEMENTED (the generated base class).
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import grpc
 
 from kbmesh.knowledge.v1 import knowledge_pb2 as kn
 from kbmesh.knowledge.v1 import knowledge_pb2_grpc as kn_grpc
-from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unimplemented
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.ids import is_id, new_id
 from services.common.protos import enum_name, enum_value, timestamp
+from services.knowledge.adapters.document_tasks import DocumentTasks
 from services.knowledge.adapters.redis_documents import RedisDocuments
 from services.knowledge.adapters.redis_kb_store import RedisKnowledgeBases
 from services.knowledge.adapters.s3_objects import S3Objects
@@ -36,6 +38,8 @@ from services.knowledge.domain.knowledge_bases import (
     validate_name,
 )
 from services.knowledge.domain.search import validate_search
+from services.knowledge.ingest.query_embedding import QueryEmbedders
+from services.knowledge.settings import EmbeddingSettings
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +113,10 @@ def document_to_proto(document: Document) -> kn.Document:
 
 DEFAULT_CHUNK_PAGE = 100
 MAX_CHUNK_PAGE = 1000
+# DeleteKnowledgeBase: documents per bulk step (S3's DeleteObjects takes 1000 keys),
+# and CancelTask calls to the Task Manager at once.
+_DELETE_PAGE = 1000
+_CANCELS_IN_FLIGHT = 32
 # Task states in which a document's ingestion can still write to the index.
 _ACTIVE_STATES = ("PENDING", "RUNNING")
 _SEARCH_MODES = {
@@ -171,6 +179,14 @@ def _require_document_id(document_id: str) -> str:
     return document_id
 
 
+def _authorization(context: Context) -> str:
+    """The caller's `authorization` header, to forward to the Task Manager."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and isinstance(value, str):
+            return value
+    return ""
+
+
 def _document_not_found(kb_id: str, document_id: str) -> NotFound:
     return NotFound(
         "DOCUMENT_NOT_FOUND",
@@ -193,13 +209,16 @@ class KnowledgeApi(kn_grpc.KnowledgeServiceServicer):
         embedder: Embedder | None = None,
         objects: S3Objects | None = None,
         tasks: TaskCanceller | None = None,
+        queue: DocumentTasks | None = None,
+        embedding: EmbeddingSettings | None = None,
     ) -> None:
         self._kbs = knowledge_bases
         self._documents = documents
         self._index = index
-        self._embedder = embedder
+        self._queries = QueryEmbedders(embedder, embedding)
         self._objects = objects
         self._tasks = tasks
+        self._queue = queue
 
     def _require_index(self) -> ChunkIndex:
         if self._index is None:
@@ -320,16 +339,20 @@ class KnowledgeApi(kn_grpc.KnowledgeServiceServicer):
         if kb is None and not document_ids and not await index.count_chunks(kb_id):
             # Nothing left of it: unknown, or fully deleted by an earlier call.
             await self._kbs.require(kb_id)
-        cancelled = 0
-        for task_id in await self._kbs.active_task_ids(kb_id):
-            if await self._cancel(task_id, "knowledge base deleted"):
-                cancelled += 1
+        cancelled = await self._cancel_all(
+            await self._kbs.active_task_ids(kb_id), "knowledge base deleted"
+        )
         deleted = 0
-        for document_id in document_ids:
-            document = await self._documents.get(kb_id, document_id)
-            if document is not None:
-                await self._remove_document(document)
-                deleted += 1
+        # In bulk: a page of records, their objects in one DeleteObjects request,
+        # the records in one round trip. A failure part way leaves the rest listed
+        # under the knowledge base id, so a retry finishes the job.
+        for start in range(0, len(document_ids), _DELETE_PAGE):
+            documents = await self._documents.load(document_ids[start : start + _DELETE_PAGE])
+            documents = [d for d in documents if d.knowledge_base_id == kb_id]
+            if self._objects is not None:
+                await self._objects.delete_many([d.object_key for d in documents])
+            await self._documents.delete_many(kb_id, documents)
+            deleted += len(documents)
         await index.delete_knowledge_base(kb_id)
         await self._kbs.forget_documents(kb_id)
         outcome = {"deleted_document_count": deleted, "cancelled_task_count": cancelled}
@@ -344,11 +367,15 @@ class KnowledgeApi(kn_grpc.KnowledgeServiceServicer):
             )
         return await self._tasks.cancel(task_id, reason)
 
-    async def _remove_document(self, document: Document) -> None:
-        """The stored object and the records (the index is handled by the caller)."""
-        if self._objects is not None:
-            await self._objects.delete(document.object_key)
-        await self._documents.delete(document)
+    async def _cancel_all(self, task_ids: list[str], reason: str) -> int:
+        """Cancels tasks through the Task Manager, a bounded number at a time;
+        how many were still pending or running."""
+        cancelled = 0
+        for start in range(0, len(task_ids), _CANCELS_IN_FLIGHT):
+            batch = task_ids[start : start + _CANCELS_IN_FLIGHT]
+            done = await asyncio.gather(*(self._cancel(t, reason) for t in batch))
+            cancelled += sum(done)
+        return cancelled
 
     async def ListDocuments(
         self, request: kn.ListDocumentsRequest, context: Context
@@ -392,9 +419,11 @@ class KnowledgeApi(kn_grpc.KnowledgeServiceServicer):
         document = await self._documents.get(kb.id, document_id)
         if document is None:
             raise _document_not_found(kb.id, document_id)
-        # Cancel first, so a worker does not index the document again after its
-        # chunks are gone (a task already past its last progress report can
-        # still finish: see docs/search.md).
+        # Flag, then cancel, so a worker does not index the document again after
+        # its chunks are gone: a run already past its last progress report still
+        # writes, but checks the flag after writing and removes its own chunks
+        # (services/knowledge/ingest/pipeline.py).
+        await self._documents.mark_deleting(document)
         if document.state in _ACTIVE_STATES:
             await self._cancel(document.task_id, "document deleted")
         deleted = await index.delete_document(kb.id, document.id)
@@ -408,7 +437,34 @@ class KnowledgeApi(kn_grpc.KnowledgeServiceServicer):
     async def ReindexDocument(
         self, request: kn.ReindexDocumentRequest, context: Context
     ) -> kn.ReindexDocumentResponse:
-        raise Unimplemented("ReindexDocument")
+        kb_id = _require_kb_id(request.knowledge_base_id)
+        document_id = _require_document_id(request.document_id)
+        if len(request.request_id) > 128:
+            raise InvalidArgument("INVALID_REQUEST_ID", "request_id is at most 128 characters")
+        if self._queue is None:
+            raise FailedPrecondition(
+                "TASK_MANAGER_NOT_CONFIGURED", "this service cannot reach the Task Manager"
+            )
+        kb = await self._kbs.require(kb_id)
+        if await self._documents.get(kb.id, document_id) is None:
+            raise _document_not_found(kb.id, document_id)
+        # The Task Manager checks again, atomically (the document may go, or another
+        # run start, in between), and answers NOT_FOUND / DOCUMENT_TASK_ACTIVE itself.
+        task = await self._queue.enqueue(
+            kb.id,
+            document_id,
+            request.chunking if request.HasField("chunking") else None,
+            request.request_id,
+            authorization=_authorization(context),
+        )
+        document = await self._documents.get(kb.id, document_id)
+        if document is None:  # deleted right after the task was queued
+            raise _document_not_found(kb.id, document_id)
+        log.info(
+            "document re-index queued",
+            extra={"knowledge_base_id": kb.id, "document_id": document_id, "task_id": task.id},
+        )
+        return kn.ReindexDocumentResponse(task_id=task.id, document=document_to_proto(document))
 
     async def ListChunks(
         self, request: kn.ListChunksRequest, context: Context
@@ -458,28 +514,9 @@ class KnowledgeApi(kn_grpc.KnowledgeServiceServicer):
         index = self._require_index()
         vector: list[float] | None = None
         if query.mode != "keyword":
-            vector = await self._embed_query(query.text, kb.embedding_dimensions)
+            vector = await self._queries.embed(kb, query.text)
         hits = await index.search(kb.id, query.mode, query.text, vector, query.top_k, query.filters)
         return kn.SearchResponse(
             results=[_result(h) for h in hits if h.score >= query.score_threshold],
             mode=_MODE_ENUM[query.mode],
         )
-
-    async def _embed_query(self, text: str, dimensions: int) -> list[float]:
-        embedder = self._embedder
-        if embedder is None:
-            raise FailedPrecondition(
-                "INGESTION_NOT_AVAILABLE",
-                "this service has no embedding model: vector and hybrid search are "
-                "not available; keyword search is",
-            )
-        if dimensions and embedder.dimensions != dimensions:
-            raise FailedPrecondition(
-                "EMBEDDING_DIMENSION_MISMATCH",
-                f"the knowledge base holds {dimensions}-dimensional vectors; this "
-                f"service embeds queries with {embedder.model} ({embedder.dimensions})",
-                metadata={"expected": str(dimensions), "got": str(embedder.dimensions)},
-            )
-        # CPU-bound (the ONNX model): off the event loop.
-        vectors = await asyncio.to_thread(embedder.embed, [text])
-        return vectors[0]

@@ -1,6 +1,7 @@
 """Composition root of the Knowledge Service: opens Redis, S3 and the chunk index,
 builds the servicer, runs index maintenance, and runs a knowledge worker beside
-it (`worker.enabled`)."""
+it (`worker.enabled`): a child process by default, or in this process
+(`worker.isolation`)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from services.common.auth import build_authenticator
 from services.common.connections import open_redis, open_s3
 from services.common.host import ServiceHost
 from services.common.tls import open_channel
+from services.knowledge.adapters.document_tasks import DocumentTasks
 from services.knowledge.adapters.redis_documents import RedisDocuments
 from services.knowledge.adapters.redis_kb_store import RedisKnowledgeBases
 from services.knowledge.adapters.s3_objects import S3Objects
@@ -32,6 +34,7 @@ from services.knowledge.index.location import connect
 from services.knowledge.index.maintenance import run_maintenance
 from services.knowledge.settings import KnowledgeSettings
 from services.knowledge.worker.app import build_runtime
+from services.knowledge.worker.process import WorkerProcess
 
 ERROR_DOMAIN = "knowledge.kbmesh"
 # The ingestion pipeline's ONNX MiniLM: one model per process, shared by the
@@ -95,9 +98,13 @@ async def build_app(settings: KnowledgeSettings) -> AsyncIterator[KnowledgeApp]:
             embedder=embedder,
             objects=S3Objects(s3, settings.s3.bucket),
             tasks=TaskCanceller(channel),
+            queue=DocumentTasks(channel),
+            embedding=settings.embedding,
         )
         knowledge_pb2_grpc.add_KnowledgeServiceServicer_to_server(api, host.server)
-        if settings.index.optimize_interval_seconds > 0:
+        child_worker = settings.worker.enabled and settings.worker.isolation == "process"
+        maintain = settings.index.optimize_interval_seconds > 0
+        if maintain and not child_worker:
             maintenance = asyncio.create_task(
                 run_maintenance(
                     index, settings.index.optimize_interval_seconds, knowledge_bases.exists
@@ -110,13 +117,23 @@ async def build_app(settings: KnowledgeSettings) -> AsyncIterator[KnowledgeApp]:
                     await maintenance
 
             stack.push_async_callback(stop_maintenance)
-        if settings.worker.enabled:
+        grace = settings.worker.shutdown_grace_seconds
+        if child_worker:
+            # Pipeline CPU work in a child process at a lower priority: it cannot
+            # starve the searches here (services/knowledge/worker/process.py). Index
+            # maintenance (compaction, index updates) is CPU work too: it runs there.
+            child = WorkerProcess(
+                shutdown_grace_seconds=grace, extra_args=["--maintain"] if maintain else []
+            )
+            child.start()
+            stack.push_async_callback(child.close)
+            host.add_drain_hook(lambda: child.drain(grace))
+        elif settings.worker.enabled:
             # The same index object: chunks the in-process worker writes are
             # searchable here at once, not after the read-consistency interval.
             worker = build_runtime(settings, redis, s3, index=index)
             worker.start()
             stack.push_async_callback(worker.close)
             # SIGTERM: the worker takes no new tasks, finishes or hands back the rest.
-            grace = settings.worker.shutdown_grace_seconds
             host.add_drain_hook(lambda: worker.drain(grace))
         yield KnowledgeApp(settings=settings, redis=redis, s3=s3, host=host)

@@ -36,6 +36,20 @@ class WorkerSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     enabled: bool = True
+    # How the Knowledge Service runs its worker (`enabled`). "process": a child
+    # process (`python -m services.knowledge.worker`, same environment) that the
+    # service starts, restarts and stops: parsing and embedding hold the GIL and
+    # the cores, and in their own process at a lower CPU priority (`nice`) they
+    # cannot starve the service's searches (docs/search.md, "Search while
+    # ingesting"). Its writes become searchable within
+    # index.read_consistency_seconds. "thread": inside the service's process,
+    # sharing its index object (writes searchable at once; searches slow down
+    # while it works).
+    isolation: Literal["process", "thread"] = "process"
+    # CPU niceness a worker process adds to itself at start (0 = none): under
+    # load the kernel then gives the API process ~9x the CPU share of a nice-10
+    # worker, and the worker still uses every idle cycle.
+    nice: int = Field(default=10, ge=0, le=19)
     # Stable id of this worker in tasks and logs; empty: "<host>:<pid>".
     id: str = Field(default="", max_length=128)
     # Tasks run at once (credits granted to the Task Manager).
@@ -133,7 +147,7 @@ class IndexSettings(BaseModel):
     read_consistency_seconds: float = Field(default=0.5, ge=0, le=60)
     # Background maintenance (compaction, folding new rows into the indexes,
     # building the vector index): seconds between runs; 0 disables it.
-    optimize_interval_seconds: float = Field(default=60.0, ge=0)
+    optimize_interval_seconds: float = Field(default=10.0, ge=0)
     # A knowledge base gets an ANN vector index once it holds this many chunks;
     # below it, exact search is fast enough and exact.
     vector_index_min_rows: int = Field(default=20_000, ge=256)

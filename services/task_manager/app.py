@@ -12,7 +12,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from kbmesh.knowledge.v1 import knowledge_pb2
-from kbmesh.taskmanager.v1 import task_manager_pb2_grpc, worker_pb2_grpc
+from kbmesh.taskmanager.v1 import document_tasks_pb2_grpc, task_manager_pb2_grpc, worker_pb2_grpc
 from services.common.auth import build_authenticator
 from services.common.connections import open_redis, open_s3
 from services.common.host import ServiceHost
@@ -30,6 +30,7 @@ from services.task_manager.api import (
 )
 from services.task_manager.callbacks import CallbackSender
 from services.task_manager.dispatch import Dispatcher
+from services.task_manager.document_tasks_api import DOCUMENT_TASK_SERVICE, DocumentTaskApi
 from services.task_manager.domain.dispatch import DispatchPolicy
 from services.task_manager.domain.upload import UploadLimits, Uploads
 from services.task_manager.domain.worker_auth import WorkerTokens
@@ -90,7 +91,7 @@ async def build_app(settings: TaskManagerSettings) -> AsyncIterator[TaskManagerA
         host = ServiceHost(
             "task-manager",
             settings.grpc,
-            [TASK_MANAGER_SERVICE, WORKER_SERVICE],
+            [TASK_MANAGER_SERVICE, WORKER_SERVICE, DOCUMENT_TASK_SERVICE],
             error_domain=ERROR_DOMAIN,
             # Through Envoy the gateway serves the Knowledge Service too.
             mesh_services=[TASK_MANAGER_SERVICE, WORKER_SERVICE, KNOWLEDGE_SERVICE],
@@ -147,6 +148,9 @@ async def build_app(settings: TaskManagerSettings) -> AsyncIterator[TaskManagerA
         # SIGTERM: stop assigning and tell workers to drain before streams are cut.
         grace = settings.grpc.shutdown_grace_seconds
         host.add_drain_hook(lambda: dispatcher.drain(grace))
+        document_tasks_pb2_grpc.add_DocumentTaskServiceServicer_to_server(
+            DocumentTaskApi(tasks, max_attempts=limits.max_attempts), server
+        )
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(
             WorkerApi(dispatcher, worker_tokens(settings.dispatch), settings.s3.bucket), server
         )

@@ -129,6 +129,19 @@ async def test_stored_bytes_are_limited_per_tenant_and_given_back_on_delete(mesh
         upload_messages(b"c" * 600, knowledge_base_id=kb, filename="c.txt"), metadata=metadata
     )
     assert again.task_id
+    # So does deleting the whole knowledge base (its documents go in bulk).
+    await mesh.knowledge.DeleteKnowledgeBase(
+        kn.DeleteKnowledgeBaseRequest(knowledge_base_id=kb), metadata=metadata
+    )
+    other = await mesh.knowledge.CreateKnowledgeBase(
+        kn.CreateKnowledgeBaseRequest(knowledge_base=kn.KnowledgeBase(name="hoarder-2")),
+        metadata=metadata,
+    )
+    after = await mesh.tasks.Upload(
+        upload_messages(b"d" * 600, knowledge_base_id=other.id, filename="d.txt"),
+        metadata=metadata,
+    )
+    assert after.task_id
 
 
 async def test_the_document_quota_counts_stored_documents(redis_server: RedisServer) -> None:

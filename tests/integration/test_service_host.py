@@ -19,7 +19,7 @@ from devstack.servers import ServiceKind, find_free_port
 from kbmesh.taskmanager.v1 import task_manager_pb2 as tm
 from kbmesh.taskmanager.v1 import task_manager_pb2_grpc as tm_grpc
 from tests.conftest import ServiceFactory, Stack
-from tests.support import error_info, next_event, upload_messages
+from tests.support import next_event, upload_messages
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -53,6 +53,7 @@ async def test_each_service_reports_serving_and_lists_its_own_services(stack: St
     assert await listed_services(stack.tm_address) == common | {
         "kbmesh.taskmanager.v1.TaskManagerService",
         "kbmesh.taskmanager.v1.WorkerService",
+        "kbmesh.taskmanager.v1.DocumentTaskService",
     }
     assert await listed_services(stack.ks_address) == common | {
         "kbmesh.knowledge.v1.KnowledgeService"
@@ -62,20 +63,6 @@ async def test_each_service_reports_serving_and_lists_its_own_services(stack: St
     assert "kbmesh.knowledge.v1.KnowledgeService" in await listed_services(
         stack.tm_address, gateway
     )
-
-
-async def test_unimplemented_rpc_has_error_info(stack: Stack) -> None:
-    from kbmesh.knowledge.v1 import knowledge_pb2 as kn
-    from kbmesh.knowledge.v1 import knowledge_pb2_grpc as kn_grpc
-
-    async with grpc.aio.insecure_channel(stack.ks_address) as channel:
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await kn_grpc.KnowledgeServiceStub(channel).ReindexDocument(
-                kn.ReindexDocumentRequest(knowledge_base_id="x", document_id="d")
-            )
-    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert error_info(caught.value).reason == "NOT_IMPLEMENTED"
-    assert error_info(caught.value).domain == "knowledge.kbmesh"
 
 
 async def test_sigterm_drains_streams_and_exits_cleanly(

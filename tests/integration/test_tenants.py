@@ -22,6 +22,8 @@ from redis.asyncio import Redis
 
 from kbmesh.knowledge.v1 import knowledge_pb2 as kn
 from kbmesh.knowledge.v1 import knowledge_pb2_grpc as kn_grpc
+from kbmesh.taskmanager.v1 import document_tasks_pb2 as dt
+from kbmesh.taskmanager.v1 import document_tasks_pb2_grpc as dt_grpc
 from kbmesh.taskmanager.v1 import task_manager_pb2 as tm
 from kbmesh.taskmanager.v1 import task_manager_pb2_grpc as tm_grpc
 from services.common import redis_keys
@@ -148,6 +150,13 @@ async def test_another_tenants_knowledge_base_does_not_exist(world: World) -> No
         reason,
     )
     await not_found(
+        b.kb.ReindexDocument(
+            kn.ReindexDocumentRequest(knowledge_base_id=kb, document_id=world.document_id),
+            metadata=md,
+        ),
+        reason,
+    )
+    await not_found(
         b.kb.DeleteKnowledgeBase(kn.DeleteKnowledgeBaseRequest(knowledge_base_id=kb), metadata=md),
         reason,
     )
@@ -189,6 +198,27 @@ async def test_another_tenants_tasks_do_not_exist(world: World) -> None:
     assert own.state == tm.Task.STATE_PENDING
     listed = await a.tasks.ListTasks(tm.ListTasksRequest(), metadata=a.metadata)
     assert task in {t.id for t in listed.tasks}
+
+
+async def test_another_tenant_cannot_queue_a_task_for_a_document(
+    world: World, auth_stack: Stack
+) -> None:
+    """The Task Manager's internal DocumentTaskService (reachable as native
+    gRPC through the gateway) checks the owner too."""
+    async with grpc.aio.insecure_channel(auth_stack.tm_address) as channel:
+        stub = dt_grpc.DocumentTaskServiceStub(channel)
+        request = dt.EnqueueDocumentTaskRequest(
+            knowledge_base_id=world.kb_id, document_id=world.document_id
+        )
+        await not_found(
+            stub.EnqueueDocumentTask(request, metadata=world.b.metadata),
+            "KNOWLEDGE_BASE_NOT_FOUND",
+        )
+        # Its owner is told the truth: the document's first task is still pending.
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.EnqueueDocumentTask(request, metadata=world.a.metadata)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert error_info(refused.value).reason == "DOCUMENT_TASK_ACTIVE"
 
 
 async def test_uploading_into_another_tenants_knowledge_base_stores_nothing(

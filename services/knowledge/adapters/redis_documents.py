@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import builtins
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio import Redis
@@ -40,6 +41,30 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 if redis.call('GET', KEYS[3]) == ARGV[1] then redis.call('DEL', KEYS[3]) end
 if KEYS[4] ~= '' then redis.call('SET', KEYS[4], ARGV[2], 'EX', ARGV[3]) end
 return 1
+"""
+
+# A page of a knowledge base being deleted. KEYS: kb_documents, the caller's
+# usage, then per document its record and its content-hash key. ARGV: tenant,
+# default tenant, then the document ids. Only records that still exist and
+# are the caller's give their bytes back (a concurrent DeleteDocument of one
+# of them has already).
+_DELETE_MANY = """
+local bytes, count = 0, 0
+for i = 1, #ARGV - 2 do
+  local record, content = KEYS[1 + 2 * i], KEYS[2 + 2 * i]
+  local owner, size = unpack(redis.call('HMGET', record, 'tenant', 'size_bytes'))
+  if size and (owner or ARGV[2]) == ARGV[1] then
+    bytes = bytes + tonumber(size)
+    count = count + 1
+  end
+  redis.call('DEL', record, content)
+  redis.call('ZREM', KEYS[1], ARGV[2 + i])
+end
+if count > 0 then
+  redis.call('HINCRBY', KEYS[2], 'bytes', -bytes)
+  redis.call('HINCRBY', KEYS[2], 'documents', -count)
+end
+return count
 """
 
 
@@ -73,8 +98,11 @@ def decode_document(document_id: str, record: dict[Any, Any], task: list[Any]) -
         )
         if parsed_error
         else None,
-        chunk_count=int(parsed_result.get("chunk_count", 0)),
-        page_count=int(parsed_result.get("page_count", 0)),
+        # Until the latest task has a result (a re-index pending, running, failed or
+        # cancelled), the previous run's chunks are the searchable ones: the Task
+        # Manager copies its counts into the record when it queues the re-index.
+        chunk_count=int(parsed_result.get("chunk_count", f.get("chunk_count") or 0)),
+        page_count=int(parsed_result.get("page_count", f.get("page_count") or 0)),
         metadata=json.loads(f.get("metadata") or "{}"),
         create_time_ms=int(f.get("create_time_ms") or 0),
         update_time_ms=max(int(f.get("update_time_ms") or 0), int(task_updated or 0)),
@@ -85,6 +113,7 @@ class RedisDocuments:
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
         self._delete = redis.register_script(_DELETE)
+        self._delete_many = redis.register_script(_DELETE_MANY)
 
     async def _load(self, ids: list[str]) -> list[Document]:
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -133,6 +162,23 @@ class RedisDocuments:
         owner: Any = await self._redis.hget(redis_keys.document(document_id), "tenant")
         return (_text(owner) or DEFAULT_TENANT) == caller
 
+    async def current_task(self, knowledge_base_id: str, document_id: str) -> str | None:
+        """The document's latest task id, or None when the document is gone, is of
+        another knowledge base, or is being deleted (the ingestion handler's check
+        before and after it writes chunks)."""
+        kb, task_id, deleting = await self._redis.hmget(
+            redis_keys.document(document_id), ["knowledge_base_id", "task_id", "deleting"]
+        )
+        if _text(kb) != knowledge_base_id or _text(deleting) == "1":
+            return None
+        return _text(task_id)
+
+    async def mark_deleting(self, document: Document) -> None:
+        """Flags the record before its chunks go: from here on an ingestion run
+        that writes chunks sees the document as deleted and removes them again,
+        and no re-index can be queued for it."""
+        await self._redis.hset(redis_keys.document(document.id), "deleting", "1")
+
     async def ids(self, knowledge_base_id: str) -> builtins.list[str]:
         """Every document id of the knowledge base (for deleting it)."""
         raw: Any = await self._redis.zrange(redis_keys.kb_documents(knowledge_base_id), 0, -1)
@@ -159,6 +205,26 @@ class RedisDocuments:
                 caller_tenant(),
                 DEFAULT_TENANT,
             ],
+        )
+
+    async def load(self, ids: builtins.list[str]) -> builtins.list[Document]:
+        """The records of these ids that still exist (two pipelined round trips)."""
+        return await self._load(ids)
+
+    async def delete_many(self, knowledge_base_id: str, documents: Sequence[Document]) -> None:
+        """Removes the records of a knowledge base being deleted, in one round trip:
+        no upload can add to it any more, so the content-hash entries go as they
+        are. The tenant's usage (quotas) gets their bytes and count back."""
+        if not documents:
+            return
+        keys = [
+            redis_keys.kb_documents(knowledge_base_id),
+            redis_keys.tenant_usage(caller_tenant()),
+        ]
+        for d in documents:
+            keys += [redis_keys.document(d.id), redis_keys.kb_content(knowledge_base_id, d.sha256)]
+        await self._delete_many(
+            keys=keys, args=[caller_tenant(), DEFAULT_TENANT, *(d.id for d in documents)]
         )
 
     async def deleted_by_request(self, document_id: str, request_id: str) -> str | None:

@@ -2,6 +2,7 @@
 
 Modules: `sniff` (type from content), `zipguard` (OOXML bomb check), `parsers`
 (one per format, to `Section`s), `chunking` (llama-index node parsers),
-`embedding` (local ONNX MiniLM) and `openai_embedding` (remote), `pipeline`
+`embedding` (local ONNX MiniLM) and `openai_embedding` (remote), `query_embedding`
+(search queries with the knowledge base's own model), `pipeline`
 (the worker's `IngestHandler`), `errors` (why a document is refused).
 """

@@ -36,6 +36,7 @@ from services.knowledge.ingest.embedding import OnnxMiniLM, shared_minilm
 from services.knowledge.ingest.errors import DocumentRejected, IngestUnavailable, Stopped
 from services.knowledge.ingest.openai_embedding import OpenAIEmbedder
 from services.knowledge.ingest.parsers import Parsed, parse
+from services.knowledge.ingest.query_embedding import remote_embedder
 from services.knowledge.ingest.sniff import MEDIA_TYPES, SNIFF_BYTES, Kind, sniff
 from services.knowledge.settings import EmbeddingSettings, IngestSettings, KnowledgeSettings
 from services.knowledge.worker.handlers import (
@@ -59,6 +60,11 @@ class KnowledgeBaseLookup(Protocol):
     async def get(self, kb_id: str) -> KnowledgeBase | None: ...
 
 
+class DocumentLookup(Protocol):
+    async def current_task(self, knowledge_base_id: str, document_id: str) -> str | None:
+        """The document's latest task id; None once it is deleted (or being deleted)."""
+
+
 @dataclass(frozen=True)
 class _Work:
     """What the blocking part produced."""
@@ -80,8 +86,10 @@ class IngestHandler:
         ingest: IngestSettings | None = None,
         embedding: EmbeddingSettings | None = None,
         local_embedder: OnnxMiniLM | None = None,
+        documents: DocumentLookup | None = None,
     ) -> None:
         self._index = index
+        self._documents = documents
         self._s3 = s3
         self._kbs = knowledge_bases
         self._limits = ingest or IngestSettings()
@@ -98,6 +106,7 @@ class IngestHandler:
                     "KNOWLEDGE_BASE_NOT_FOUND",
                     f"knowledge base {job.knowledge_base_id!r} does not exist",
                 )
+            await self._require_current(job)
             embedder, max_tokens = self._embedder_for(kb)
             chunk_plan = chunking.plan(
                 kb.chunking,
@@ -113,7 +122,9 @@ class IngestHandler:
             vectors, tokens = await self._embed(embedder, work.chunks, context)
             records = self._records(job, work, vectors, tokens)
             await context.progress(Stage.INDEXING, _EMBEDDED, f"{len(records)} chunks")
+            await self._require_current(job)
             await self._index.replace_document(job.knowledge_base_id, job.document_id, records)
+            await self._undo_if_deleted(job)
             return JobResult(
                 chunk_count=len(records),
                 page_count=work.parsed.page_count,
@@ -136,6 +147,37 @@ class IngestHandler:
             if path is not None:
                 self._remove(path)
 
+    # --- the document is still there ---
+
+    async def _gone(self, job: Job) -> str:
+        """Why this run must not leave chunks ("" when it may): the document was
+        deleted (or is being deleted), or a newer task is now its latest."""
+        if self._documents is None:
+            return ""
+        task_id = await self._documents.current_task(job.knowledge_base_id, job.document_id)
+        if task_id is None or await self._kbs.get(job.knowledge_base_id) is None:
+            return "DOCUMENT_DELETED"
+        if task_id != job.task_id:
+            return "TASK_SUPERSEDED"
+        return ""
+
+    async def _require_current(self, job: Job) -> None:
+        reason = await self._gone(job)
+        if reason:
+            raise _stale(reason, job)
+
+    async def _undo_if_deleted(self, job: Job) -> None:
+        """After the write: a DeleteDocument (or DeleteKnowledgeBase) that removed
+        the chunks between the check above and the write would leave these behind;
+        they go again. (A superseding run replaces them itself.)"""
+        if await self._gone(job) == "DOCUMENT_DELETED":
+            deleted = await self._index.delete_document(job.knowledge_base_id, job.document_id)
+            log.info(
+                "document deleted during ingestion: its chunks removed again",
+                extra={"task_id": job.task_id, "document_id": job.document_id, "chunks": deleted},
+            )
+            raise _stale("DOCUMENT_DELETED", job)
+
     # --- embedding model ---
 
     def _embedder_for(self, kb: KnowledgeBase) -> tuple[Embedder, int]:
@@ -153,16 +195,10 @@ class IngestHandler:
                 )
             remote = self._remote.get(kb.embedding_model)
             if remote is None:
-                remote = OpenAIEmbedder(
-                    base_url=settings.openai_base_url,
-                    model=kb.embedding_model,
-                    api_key=settings.openai_api_key.get_secret_value(),
-                    batch_size=settings.openai_batch_size,
-                    max_attempts=settings.openai_max_attempts,
-                    backoff_base_seconds=settings.openai_backoff_base_seconds,
-                    backoff_cap_seconds=settings.openai_backoff_cap_seconds,
-                    timeout_seconds=settings.openai_timeout_seconds,
-                    dimensions=kb.embedding_dimensions,
+                remote = remote_embedder(
+                    settings,
+                    kb.embedding_model,
+                    kb.embedding_dimensions,
                     count_tokens=self._local.count_tokens,
                 )
                 self._remote[kb.embedding_model] = remote
@@ -338,6 +374,15 @@ def _count_tokens(embedder: Embedder, texts: Sequence[str]) -> list[int]:
     return [embedder.count_tokens(t) for t in texts]
 
 
+def _stale(reason: str, job: Job) -> DocumentRejected:
+    if reason == "TASK_SUPERSEDED":
+        return DocumentRejected(
+            reason,
+            f"task {job.task_id!r} is no longer the latest of document {job.document_id!r}",
+        )
+    return DocumentRejected(reason, f"document {job.document_id!r} was deleted during ingestion")
+
+
 def _too_large(size: int, limit: int) -> DocumentRejected:
     return DocumentRejected(
         "DOCUMENT_TOO_LARGE",
@@ -350,6 +395,7 @@ def ingest_handler(resources: WorkerResources) -> IngestHandler:
     bases), the chunk index and the settings from the resources. Without an index
     in the resources (a standalone worker), it opens the configured LanceDB location
     itself: blocking, once, at start-up."""
+    from services.knowledge.adapters.redis_documents import RedisDocuments
     from services.knowledge.adapters.redis_kb_store import RedisKnowledgeBases
 
     if resources.redis is None or resources.s3 is None:
@@ -373,4 +419,5 @@ def ingest_handler(resources: WorkerResources) -> IngestHandler:
         ingest=settings.ingest,
         embedding=settings.embedding,
         local_embedder=shared_minilm(settings.embedding.local_batch_size),
+        documents=RedisDocuments(resources.redis),
     )

@@ -7,6 +7,7 @@ and `python -m services.knowledge.worker` (the worker alone).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import logging
 import signal
@@ -19,6 +20,7 @@ from redis.asyncio import Redis
 from services.common.connections import open_redis, open_s3
 from services.knowledge.settings import KnowledgeSettings
 from services.knowledge.worker.handlers import HandlerFactory, WorkerResources
+from services.knowledge.worker.process import watch_parent
 from services.knowledge.worker.runtime import WorkerConfig, WorkerRuntime, default_worker_id
 
 log = logging.getLogger(__name__)
@@ -73,23 +75,53 @@ def build_runtime(
 
 
 @asynccontextmanager
-async def build_worker(settings: KnowledgeSettings) -> AsyncIterator[WorkerRuntime]:
-    """The worker alone, with the connections a handler may need."""
+async def build_worker(
+    settings: KnowledgeSettings, *, maintain: bool = False
+) -> AsyncIterator[WorkerRuntime]:
+    """The worker alone, with the connections a handler may need. `maintain`: this
+    process also runs the index maintenance passes (the Knowledge Service hands
+    them to its worker child, so that CPU work runs at the worker's priority)."""
     async with AsyncExitStack() as stack:
         redis = await stack.enter_async_context(open_redis(settings.redis))
         s3 = await stack.enter_async_context(open_s3(settings.s3))
-        runtime = build_runtime(settings, redis, s3)
+        index: Any = None
+        interval = settings.index.optimize_interval_seconds
+        if maintain and interval > 0:
+            from services.knowledge.adapters.redis_kb_store import RedisKnowledgeBases
+            from services.knowledge.index.lance_index import LanceChunkIndex
+            from services.knowledge.index.location import connect
+            from services.knowledge.index.maintenance import run_maintenance
+
+            index = LanceChunkIndex(
+                await asyncio.to_thread(connect, settings.index, settings.s3),
+                vector_index_min_rows=settings.index.vector_index_min_rows,
+            )
+            maintenance = asyncio.create_task(
+                run_maintenance(index, interval, RedisKnowledgeBases(redis).exists)
+            )
+
+            async def stop_maintenance() -> None:
+                maintenance.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await maintenance
+
+            stack.push_async_callback(stop_maintenance)
+        runtime = build_runtime(settings, redis, s3, index=index)
         stack.push_async_callback(runtime.close)
         yield runtime
 
 
-async def serve_worker(settings: KnowledgeSettings) -> None:
-    """Run the worker until SIGTERM/SIGINT, then drain within the grace period."""
-    async with build_worker(settings) as runtime:
+async def serve_worker(
+    settings: KnowledgeSettings, *, parent_pid: int = 0, maintain: bool = False
+) -> None:
+    """Run the worker until SIGTERM/SIGINT (or, with `parent_pid`, until that
+    process is gone), then drain within the grace period."""
+    async with build_worker(settings, maintain=maintain) as runtime:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        watcher = asyncio.create_task(watch_parent(parent_pid, stop)) if parent_pid else None
         runner = runtime.start()
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait({runner, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -97,3 +129,5 @@ async def serve_worker(settings: KnowledgeSettings) -> None:
             log.info("signal received, draining the worker")
             await runtime.drain(settings.worker.shutdown_grace_seconds)
         stopped.cancel()
+        if watcher is not None:
+            watcher.cancel()

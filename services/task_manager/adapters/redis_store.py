@@ -21,7 +21,10 @@ not break records written earlier.
 
 Document record (hash `document(id)`): knowledge_base_id, filename,
 content_type, size_bytes, sha256, object_key, metadata (JSON), create_time_ms,
-update_time_ms, task_id (the document's latest task). Its id is also in the
+update_time_ms, task_id (the document's latest task); a re-index adds
+chunk_count and page_count (the previous run's result, shown until the new run
+has one), and DeleteDocument sets deleting = "1" before it removes chunks. Its
+id is also in the
 knowledge base's `kb_documents` zset, and `kb_content(kb, sha256)` points at
 the newest document holding those bytes.
 
@@ -36,7 +39,7 @@ the time they become ready.
 
 Indexes: `tenant_tasks(tenant)`, `kb_tasks(kb)`, `tasks_in_state(tenant,
 state)` and `kb_tasks_in_state(kb, state)`, all scored by create_time_ms. A task is in
-exactly the two state zsets of its current state; only the two Lua scripts
+exactly the two state zsets of its current state; only the Lua scripts
 below change a task's state, and they move it between the zsets in the same
 step.
 
@@ -47,12 +50,18 @@ task record after the change, so a watcher rebuilds the task from the entry
 alone, from any replica. The entry id (e.g. "1732874400000-0") is the event id
 clients resume from.
 
-Atomicity: two Lua scripts, run with EVALSHA (`register_script`).
+Atomicity: three Lua scripts, run with EVALSHA (`register_script`).
 
 - `_CREATE` writes an upload's document, task, indexes, queue entry,
   idempotency key, content-hash entry and first event, after checking in the
   same step that the knowledge base still exists and that no earlier upload
   took the request id (or, without force, the bytes).
+- `_REQUEUE` queues a new task for a stored document (re-index,
+  domain/document_tasks.py): after checking in the same step that the knowledge
+  base exists, that the request id is new, that the document is still there
+  (not being deleted) with the task the caller read as its latest, and that
+  this task is not PENDING or RUNNING, it writes the task, its indexes, queue
+  entry, idempotency key and first event, and points the document at it.
 - `_TRANSITION` is the one way a task changes after that: it compares guard
   fields (always the state the caller read, optionally more), sets fields,
   moves the task between state zsets, adds or removes it from other zsets
@@ -62,7 +71,7 @@ Atomicity: two Lua scripts, run with EVALSHA (`register_script`).
   optimistic concurrency, bounded retries on conflict. `cancel` and `retry`
   are built on it through `RedisTaskStore.transition`.
 
-Wake-ups: both scripts PUBLISH on `QUEUE_WAKE` when they add a task to
+Wake-ups: the scripts PUBLISH on `QUEUE_WAKE` when they add a task to
 QUEUE_READY, and `cancel` publishes the task id on `DISPATCH_CANCEL` when it
 flags a RUNNING task, in the same atomic step (pub/sub is fire-and-forget:
 the dispatcher also polls, see services/task_manager/dispatch.py).
@@ -114,6 +123,7 @@ from services.common.errors import (
 from services.common.redis_boundary import as_text, redis_boundary, redis_errors
 from services.common.redis_pages import newest_first
 from services.common.settings import DEFAULT_TENANT
+from services.task_manager.domain.document_tasks import Requeued, StoredDocument
 from services.task_manager.domain.model import (
     CallbackAttempt,
     Chunking,
@@ -348,6 +358,46 @@ return {'created', event_id}
 """
 )
 
+# KEYS: 1 knowledge base hash, 2 request key, 3 document hash, 4 the document's previous
+#       task hash, 5 new task hash, 6 its events, 7 TASKS, 8 kb tasks, 9 tasks in PENDING,
+#       10 kb tasks in PENDING, 11 QUEUE_READY.
+# ARGV[1]: JSON {request (boolean), request_ttl, maxlen (numbers), knowledge_base_id,
+#       previous_task_id, score, time_ms, task_id, wake (strings), task, document (objects
+#       of string fields: the document fields to set)}.
+# Answers {"created", event id} | {"exists"} (a resent command) | {"replayed", task id} |
+# {"kb_missing"} | {"document_missing"} | {"moved"} (the document's latest task is not
+# previous_task_id any more) | {"active", state} (that task is PENDING or RUNNING).
+_REQUEUE = (
+    _FLAT
+    + """
+local spec = cjson.decode(ARGV[1])
+if redis.call('EXISTS', KEYS[5]) == 1 then return {'exists'} end
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'kb_missing'} end
+if spec.request then
+  local earlier = redis.call('GET', KEYS[2])
+  if earlier then return {'replayed', earlier} end
+end
+local doc = redis.call('HMGET', KEYS[3], 'knowledge_base_id', 'task_id', 'deleting')
+if doc[1] ~= spec.knowledge_base_id or doc[3] == '1' then return {'document_missing'} end
+if (doc[2] or '') ~= spec.previous_task_id then return {'moved'} end
+local state = redis.call('HGET', KEYS[4], 'state')
+if state == 'PENDING' or state == 'RUNNING' then return {'active', state} end
+local task = flat(spec.task)
+redis.call('HSET', KEYS[5], unpack(task))
+redis.call('HSET', KEYS[3], unpack(flat(spec.document)))
+if spec.request then
+  redis.call('SET', KEYS[2], spec.task_id, 'EX', spec.request_ttl)
+end
+local created = spec.task.create_time_ms
+for i = 7, 10 do redis.call('ZADD', KEYS[i], created, spec.task_id) end
+redis.call('ZADD', KEYS[11], spec.score, spec.task_id)
+if spec.wake then redis.call('PUBLISH', spec.wake, spec.task_id) end
+local event_id = redis.call('XADD', KEYS[6], 'MAXLEN', '~', spec.maxlen, '*',
+  'event_type', 'STATE_CHANGED', 'event_time_ms', spec.time_ms, unpack(task))
+return {'created', event_id}
+"""
+)
+
 # KEYS: 1 task hash, 2 task events, 3-4 the state zsets (all, knowledge base) of the state
 #       the task is in, 5-6 those of the state it goes to (the same when it stays), 7.. zsets
 #       named by spec.zadd / spec.zrem and the idempotency key spec.once, by index.
@@ -470,6 +520,7 @@ class RedisTaskStore:
         self._watch_block_ms = watch_block_ms
         self._create = redis.register_script(_CREATE)
         self._transition = redis.register_script(_TRANSITION)
+        self._requeue = redis.register_script(_REQUEUE)
 
     # --- reads ---
 
@@ -573,6 +624,88 @@ class RedisTaskStore:
             else:
                 raise RuntimeError(f"unexpected answer from the create script: {reply!r}")
         raise _conflicted(task.id)
+
+    # --- re-index (domain/document_tasks.py) ---
+
+    @redis_boundary
+    async def stored_document(self, document_id: str) -> StoredDocument | None:
+        raw = await self._redis.hgetall(redis_keys.document(document_id))
+        if not raw:
+            return None
+        f = _texts(raw)
+        if f.get("deleting") == "1":
+            return None  # DeleteDocument has begun: it is gone for everything new
+        return StoredDocument(
+            id=document_id,
+            knowledge_base_id=f.get("knowledge_base_id", ""),
+            filename=f.get("filename", ""),
+            content_type=f.get("content_type", ""),
+            size_bytes=int(f.get("size_bytes") or 0),
+            sha256=f.get("sha256", ""),
+            object_key=f.get("object_key", ""),
+            task_id=f.get("task_id", ""),
+            metadata=dict(json.loads(f.get("metadata") or "{}")),
+        )
+
+    @redis_boundary
+    async def requeue(self, task: Task, previous_task_id: str, request_id: str) -> Requeued:
+        if task.state is not TaskState.PENDING:
+            raise ValueError(f"a new task must be PENDING, not {task.state}")
+        kb = task.knowledge_base_id
+        previous_result = None
+        if previous_task_id:
+            earlier = await self.get_task(previous_task_id)
+            previous_result = earlier.result if earlier is not None else None
+        document_fields = {"task_id": task.id, "update_time_ms": str(task.create_time_ms)}
+        if previous_result is not None:
+            # What is searchable until the new run replaces it (the Knowledge
+            # Service shows it while the new task has no result).
+            document_fields["chunk_count"] = str(previous_result.chunk_count)
+            document_fields["page_count"] = str(previous_result.page_count)
+        keys = [
+            redis_keys.knowledge_base(kb),
+            redis_keys.document_reindex_request(task.document_id, request_id),
+            redis_keys.document(task.document_id),
+            redis_keys.task(previous_task_id),
+            redis_keys.task(task.id),
+            redis_keys.task_events(task.id),
+            redis_keys.tenant_tasks(task.tenant),
+            redis_keys.kb_tasks(kb),
+            redis_keys.tasks_in_state(task.tenant, TaskState.PENDING),
+            redis_keys.kb_tasks_in_state(kb, TaskState.PENDING),
+            redis_keys.QUEUE_READY,
+        ]
+        spec = _json(
+            {
+                "request": bool(request_id),
+                "request_ttl": self._request_ttl,
+                "maxlen": self._event_history,
+                "knowledge_base_id": kb,
+                "previous_task_id": previous_task_id,
+                "score": str(queue_score(task.priority, task.create_time_ms)),
+                "time_ms": str(task.create_time_ms),
+                "task_id": task.id,
+                "wake": redis_keys.QUEUE_WAKE,
+                "task": encode_task(task),
+                "document": document_fields,
+            }
+        )
+        reply = await self._requeue(keys=keys, args=[spec])
+        status = as_text(reply[0])
+        if status in ("created", "exists"):
+            return Requeued("created", task)
+        if status == "replayed":
+            earlier_task = await self.get_task(as_text(reply[1]))
+            return Requeued("replayed", earlier_task) if earlier_task else Requeued("moved")
+        if status == "active":
+            return Requeued("active", state=as_text(reply[1]))
+        if status == "moved":
+            return Requeued("moved")
+        if status == "document_missing":
+            return Requeued("document_missing")
+        if status == "kb_missing":
+            return Requeued("knowledge_base_missing")
+        raise RuntimeError(f"unexpected answer from the requeue script: {reply!r}")
 
     # --- listing ---
 

@@ -115,6 +115,18 @@ def validate_callback_url(url: str, allow_list: tuple[str, ...]) -> None:
         )
 
 
+def validate_chunking(chunking: Chunking) -> None:
+    """An upload's (or a re-index's) chunking override; raises INVALID_CHUNKING."""
+    if chunking.strategy not in _CHUNKING_STRATEGIES:
+        raise _invalid("INVALID_CHUNKING", f"unknown chunking strategy {chunking.strategy!r}")
+    if chunking.chunk_size and not 32 <= chunking.chunk_size <= 8192:
+        raise _invalid("INVALID_CHUNKING", "chunk_size must be 32-8192 tokens")
+    if chunking.chunk_overlap < 0 or (
+        chunking.chunk_size and chunking.chunk_overlap >= chunking.chunk_size
+    ):
+        raise _invalid("INVALID_CHUNKING", "chunk_overlap must be >= 0 and below chunk_size")
+
+
 def validate_header(header: UploadHeader, limits: UploadLimits) -> None:
     """Checks every header field; raises InvalidArgument with a precise reason."""
     if not header.knowledge_base_id:
@@ -132,15 +144,7 @@ def validate_header(header: UploadHeader, limits: UploadLimits) -> None:
         raise _invalid("INVALID_PRIORITY", f"priority must be 0-{MAX_PRIORITY}")
     if len(header.content_type) > 255:
         raise _invalid("INVALID_CONTENT_TYPE", "content_type is longer than 255 characters")
-    chunking = header.chunking
-    if chunking.strategy not in _CHUNKING_STRATEGIES:
-        raise _invalid("INVALID_CHUNKING", f"unknown chunking strategy {chunking.strategy!r}")
-    if chunking.chunk_size and not 32 <= chunking.chunk_size <= 8192:
-        raise _invalid("INVALID_CHUNKING", "chunk_size must be 32-8192 tokens")
-    if chunking.chunk_overlap < 0 or (
-        chunking.chunk_size and chunking.chunk_overlap >= chunking.chunk_size
-    ):
-        raise _invalid("INVALID_CHUNKING", "chunk_overlap must be >= 0 and below chunk_size")
+    validate_chunking(header.chunking)
     if len(header.metadata) > MAX_METADATA_ENTRIES:
         raise _invalid("INVALID_METADATA", f"at most {MAX_METADATA_ENTRIES} metadata entries")
     for key, value in header.metadata.items():
