@@ -249,6 +249,7 @@ async def run_kbmesh(
             s3=weed.s3,
             log_path=workdir / "tm.log",
             log_level="WARNING",
+            extra_env=servers.AUTH_OFF,
         )
     )
     for i in range(args.workers):

@@ -177,6 +177,7 @@ async def through_kbmesh(files: list[tuple[str, bytes]], workdir: Path) -> tuple
                 redis_url=redis.url,
                 s3=weed.s3,
                 log_path=workdir / "tm.log",
+                extra_env=servers.AUTH_OFF,
             )
         )
         knowledge = closer.enter_context(
@@ -188,6 +189,7 @@ async def through_kbmesh(files: list[tuple[str, bytes]], workdir: Path) -> tuple
                 log_path=workdir / "ks.log",
                 task_manager_address=task_manager.address,
                 extra_env={
+                    **servers.AUTH_OFF,
                     "KBMESH_KNOWLEDGE_WORKER__ENABLED": "true",
                     "KBMESH_KNOWLEDGE_INDEX__URI": str(workdir / "index"),
                 },

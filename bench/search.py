@@ -337,6 +337,7 @@ def main() -> None:
                 # Search never calls the Task Manager (only deletes do).
                 task_manager_address="127.0.0.1:1",
                 extra_env={
+                    **servers.AUTH_OFF,
                     "KBMESH_KNOWLEDGE_WORKER__ENABLED": "false",
                     "KBMESH_KNOWLEDGE_SEARCH__QUERY_EMBEDDER": "hash",
                     "KBMESH_KNOWLEDGE_INDEX__URI": uri,

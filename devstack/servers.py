@@ -1265,6 +1265,15 @@ class ServiceServer(ServerHandle):
         return f"{self.host}:{self.port}"
 
 
+# Environment that runs both services without caller authentication. The
+# benchmarks use it: they measure uploads, dispatch, ingestion and search, and
+# bench/auth.py measures what authentication adds (one Redis lookup per call).
+AUTH_OFF: Mapping[str, str] = {
+    "KBMESH_TASK_MANAGER_AUTH__MODE": "off",
+    "KBMESH_KNOWLEDGE_AUTH__MODE": "off",
+}
+
+
 def start_service(
     kind: ServiceKind,
     *,

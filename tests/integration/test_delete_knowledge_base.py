@@ -16,6 +16,8 @@ from kbmesh.knowledge.v1 import knowledge_pb2_grpc as kn_grpc
 from kbmesh.taskmanager.v1 import task_manager_pb2 as tm
 from kbmesh.taskmanager.v1 import task_manager_pb2_grpc as tm_grpc
 from services.common import redis_keys
+from services.common.settings import DEFAULT_TENANT
+from services.task_manager.domain.upload import object_prefix
 from tests.conftest import Stack
 from tests.support import error_info, upload_messages
 
@@ -48,7 +50,7 @@ async def test_delete_knowledge_base_in_bulk(stack: Stack) -> None:
 
         answers = await asyncio.gather(*(upload(i) for i in range(DOCUMENTS)))
         s3 = stack.s3.boto3_client()
-        prefix = f"kb/{kb.id}/"
+        prefix = object_prefix(DEFAULT_TENANT, kb.id)
 
         def stored() -> int:
             count, token = 0, None
