@@ -105,6 +105,7 @@ async def build_app(settings: TaskManagerSettings) -> AsyncIterator[TaskManagerA
             part_size=limits.part_bytes,
             parts_in_flight=limits.parts_in_flight,
             put=signed_put.put,
+            upload_part=signed_put.upload_part,
         )
         uploads = Uploads(
             tasks,

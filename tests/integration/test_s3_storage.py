@@ -39,10 +39,16 @@ def s3_settings(new_bucket: BucketFactory) -> S3Settings:
 
 @pytest.fixture
 async def store(s3_settings: S3Settings) -> AsyncIterator[tuple[S3ObjectStore, Any]]:
-    """The store as the Task Manager builds it: small objects by a signed PUT."""
+    """The store as the Task Manager builds it: small objects and multipart
+    parts by signed PUTs over aiohttp."""
     async with open_s3(s3_settings) as client, open_signed_put(s3_settings) as signed:
         objects = S3ObjectStore(
-            client, s3_settings.bucket, part_size=5 * MIB, parts_in_flight=2, put=signed.put
+            client,
+            s3_settings.bucket,
+            part_size=5 * MIB,
+            parts_in_flight=2,
+            put=signed.put,
+            upload_part=signed.upload_part,
         )
         yield objects, client
 

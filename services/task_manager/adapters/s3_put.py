@@ -26,7 +26,8 @@ import hashlib
 import hmac
 import logging
 import random
-from collections.abc import AsyncIterator
+import zlib
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from urllib.parse import quote
@@ -88,9 +89,11 @@ class SigV4Signer:
         payload_sha256: str,
         extra: dict[str, str],
         now: datetime | None = None,
+        query: str = "",
     ) -> dict[str, str]:
         """The request's headers, `Authorization` included. `extra` header
-        names must be lower-case; they are signed too."""
+        names must be lower-case; they are signed too. `query` is the
+        canonical query string (see `canonical_query`), sent as it is."""
         moment = now or datetime.now(UTC)
         amz_date = moment.strftime("%Y%m%dT%H%M%SZ")
         date = amz_date[:8]
@@ -106,7 +109,7 @@ class SigV4Signer:
             (
                 method,
                 quote(path, safe="/~"),
-                "",  # no query string
+                query,
                 "".join(f"{name}:{signed[name].strip()}\n" for name in names),
                 signed_names,
                 payload_sha256,
@@ -124,8 +127,30 @@ class SigV4Signer:
         return signed
 
 
+# Bodies are written in slices of this size, each awaited: a whole 8 MiB
+# part handed to the transport at once would be copied into its buffer.
+_WRITE_BYTES = 1024 * 1024
+
+
+async def _pieces(body: bytes) -> AsyncIterator[memoryview]:
+    """`body` as zero-copy slices (sent with an explicit Content-Length, so
+    not chunked: S3 wants the length of a PUT up front)."""
+    view = memoryview(body)
+    for start in range(0, len(view), _WRITE_BYTES):
+        yield view[start : start + _WRITE_BYTES]
+
+
+def canonical_query(params: dict[str, str]) -> str:
+    """SigV4's canonical query string: sorted, every byte but unreserved ones
+    percent-encoded. The request must carry exactly this string."""
+    return "&".join(
+        f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}" for k, v in sorted(params.items())
+    )
+
+
 class SignedPut:
-    """PUTs whole objects into one bucket (path-style addressing)."""
+    """PUTs whole objects and multipart parts into one bucket (path-style
+    addressing)."""
 
     def __init__(self, session: aiohttp.ClientSession, settings: S3Settings) -> None:
         self._session = session
@@ -138,6 +163,7 @@ class SignedPut:
             else f"{self._base.host}:{self._base.port}"
         )
         self._prefix = self._base.path.rstrip("/")
+        self._origin = str(self._base.origin())
         self._bucket = settings.bucket
         self._signer = SigV4Signer(
             settings.access_key_id.get_secret_value(),
@@ -148,22 +174,57 @@ class SignedPut:
     async def put(self, key: str, body: bytes, content_type: str, sha256: str) -> None:
         """Stores `body` under `key`; `sha256` is its hex digest, which S3
         checks. Unavailable (STORAGE_UNAVAILABLE) when S3 cannot store it."""
-        path = f"{self._prefix}/{self._bucket}/{key}"
-        url = self._base.with_path(path, encoded=False)
         checksum = base64.b64encode(bytes.fromhex(sha256)).decode()
+        await self._put(
+            key,
+            body,
+            sha256,
+            {"content-type": content_type, "x-amz-checksum-sha256": checksum},
+        )
+
+    async def upload_part(self, key: str, upload_id: str, number: int, body: bytes) -> str:
+        """Uploads part `number` of a multipart upload; returns its ETag.
+
+        botocore signs a part's payload over plain HTTP (a SHA-256 of the 8 MiB
+        on the event loop) and adds a CRC32 of it too. Here the payload is
+        UNSIGNED-PAYLOAD (what botocore sends over HTTPS) and the CRC32, which
+        S3 verifies, is computed in a thread: zlib releases the GIL, so it runs
+        on another core while the loop keeps receiving."""
+        crc = await asyncio.to_thread(zlib.crc32, body)
+        checksum = base64.b64encode(crc.to_bytes(4, "big")).decode()
+        query = canonical_query({"partNumber": str(number), "uploadId": upload_id})
+        headers = await self._put(
+            key, body, "UNSIGNED-PAYLOAD", {"x-amz-checksum-crc32": checksum}, query
+        )
+        etag = headers.get("ETag")
+        if not etag:
+            failure = S3RequestFailed(200, "no ETag in the answer to an UploadPart")
+            raise storage_unavailable(failure) from failure
+        return etag
+
+    async def _put(
+        self,
+        key: str,
+        body: bytes,
+        payload_sha256: str,
+        extra: dict[str, str],
+        query: str = "",
+    ) -> Mapping[str, str]:
+        """One signed PUT, retried on connection failures and 5xx; the
+        answer's headers."""
+        path = f"{self._prefix}/{self._bucket}/{key}"
+        target = f"{self._origin}{quote(path, safe='/~')}" + (f"?{query}" if query else "")
+        url = URL(target, encoded=True)
         for attempt in range(1, _ATTEMPTS + 1):
             headers = self._signer.headers(
-                "PUT",
-                self._host,
-                path,
-                sha256,
-                {"content-type": content_type, "x-amz-checksum-sha256": checksum},
+                "PUT", self._host, path, payload_sha256, extra, query=query
             )
             try:
-                async with self._session.put(url, data=body, headers=headers) as answer:
+                headers["content-length"] = str(len(body))
+                async with self._session.put(url, data=_pieces(body), headers=headers) as answer:
                     text = await answer.text()
                     if answer.status == 200:
-                        return
+                        return answer.headers
                     failure: Exception = S3RequestFailed(answer.status, text)
                     retryable = answer.status in _RETRYABLE
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -175,6 +236,7 @@ class SignedPut:
                 extra={"key": key, "attempt": attempt, "error": str(failure)[:200]},
             )
             await asyncio.sleep(_BACKOFF_SECONDS * 2**attempt * random.uniform(0.5, 1.5))
+        raise AssertionError("unreachable: the last attempt raises")
 
 
 @asynccontextmanager

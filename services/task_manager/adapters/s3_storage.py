@@ -26,6 +26,8 @@ MIN_PART_SIZE = 5 * 1024 * 1024  # S3's minimum for every part but the last
 T = TypeVar("T")
 # Stores a whole object in one request: (key, body, content type, body's sha256 hex).
 PutObject = Callable[[str, bytes, str, str], Awaitable[None]]
+# Uploads one part: (key, upload id, part number, body) -> the part's ETag.
+UploadPart = Callable[[str, str, int, bytes], Awaitable[str]]
 
 
 def storage_unavailable(exc: BaseException) -> Unavailable:
@@ -53,9 +55,11 @@ class S3ObjectWriter:
         part_size: int,
         in_flight: int,
         put: PutObject | None,
+        upload_part: UploadPart | None = None,
     ) -> None:
         self._client = client
         self._put = put
+        self._put_part = upload_part
         self._bucket = bucket
         self._key = key
         self._content_type = content_type
@@ -102,6 +106,10 @@ class S3ObjectWriter:
             self._parts.append(await oldest)
 
     async def _upload_part(self, number: int, body: bytes) -> dict[str, Any]:
+        if self._put_part is not None:
+            assert self._upload_id is not None
+            etag = await self._put_part(self._key, self._upload_id, number, body)
+            return {"PartNumber": number, "ETag": etag}
         answer = await _s3_call(
             lambda: self._client.upload_part(
                 Bucket=self._bucket,
@@ -178,9 +186,11 @@ class S3ObjectStore:
         part_size: int = 8 * 1024 * 1024,
         parts_in_flight: int = 2,
         put: PutObject | None = None,
+        upload_part: UploadPart | None = None,
     ) -> None:
         """`put` stores objects smaller than one part in one request (see
-        s3_put.SignedPut); without it they go through the botocore client."""
+        s3_put.SignedPut); `upload_part` uploads multipart parts. Without
+        them, both go through the botocore client."""
         if part_size < MIN_PART_SIZE:
             raise ValueError(f"part_size must be at least {MIN_PART_SIZE} bytes")
         self._client = client
@@ -188,6 +198,7 @@ class S3ObjectStore:
         self._part_size = part_size
         self._parts_in_flight = max(1, parts_in_flight)
         self._put = put
+        self._upload_part = upload_part
 
     @property
     def bucket(self) -> str:
@@ -202,6 +213,7 @@ class S3ObjectStore:
             self._part_size,
             self._parts_in_flight,
             self._put,
+            self._upload_part,
         )
 
     async def delete(self, key: str) -> None:
