@@ -996,6 +996,7 @@ def render_envoy_config(
     template: Path = ENVOY_TEMPLATE,
     upload_rate_limit: UploadRateLimit | None = None,
     tls: EnvoyTls | None = None,
+    cors_origins: Sequence[str] = (),
 ) -> dict[str, Any]:
     """gateway/envoy.yaml with the given ports, upstreams and descriptor.
 
@@ -1005,7 +1006,8 @@ def render_envoy_config(
     configs) becomes the absolute `descriptor` path, and every file a
     ``direct_response`` serves (the web page, relative to the repository
     root in the template) an absolute path. `upload_rate_limit` replaces the
-    upload route's token bucket.
+    upload route's token bucket. `cors_origins` (exact origins such as
+    ``https://kb.example.com``) replaces the template's any-origin CORS policy.
     """
     config: dict[str, Any] = yaml.safe_load(template.read_text())
     config = copy.deepcopy(config)
@@ -1047,6 +1049,8 @@ def render_envoy_config(
         body = node.get("direct_response", {}).get("body", {})
         if "filename" in body and not Path(body["filename"]).is_absolute():
             body["filename"] = str(ROOT / body["filename"])
+        if cors_origins and "allow_origin_string_match" in node:
+            node["allow_origin_string_match"] = [{"exact": origin} for origin in cors_origins]
         if node.get("stat_prefix") == UPLOAD_RATE_LIMIT_PREFIX and "token_bucket" in node:
             rate_limited = True
             if upload_rate_limit is not None:
@@ -1135,6 +1139,7 @@ def start_envoy(
     detached: bool = False,
     upload_rate_limit: UploadRateLimit | None = None,
     tls: EnvoyTls | None = None,
+    cors_origins: Sequence[str] = (),
 ) -> EnvoyServer:
     """Render the gateway config into `run_dir` and run Envoy on it (plus a
     TLS listener with the same routes when `tls` is given).
@@ -1158,6 +1163,7 @@ def start_envoy(
         template=template,
         upload_rate_limit=upload_rate_limit,
         tls=tls,
+        cors_origins=cors_origins,
     )
     config_path = write_envoy_config(run_dir / "envoy.yaml", config)
     argv: list[str | os.PathLike[str]] = [

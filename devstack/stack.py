@@ -44,6 +44,8 @@ variable                        default                    what
 ``KBMESH_ENVOY_KNOWLEDGE``      (none)                     more Knowledge Service replicas
 ``KBMESH_ENVOY_UPLOAD_BURST``   ``50``                     uploads admitted at once (then 429)
 ``KBMESH_ENVOY_UPLOAD_RATE``    ``20``                     uploads per second after the burst
+``KBMESH_ENVOY_CORS_ORIGINS``   (any origin)               CORS: allowed origins, exact,
+                                                           ``https://a.example,https://b…``
 ``KBMESH_AUTH``                 ``api_keys``               ``off``: no caller authentication
                                                            (loopback only; said loudly)
 ==============================  =========================  ===============================
@@ -171,6 +173,8 @@ class StackConfig:
     extra_knowledge: tuple[str, ...] = ()
     upload_burst: int = 50
     upload_rate: int = 20
+    # Origins allowed by CORS (exact, e.g. https://kb.example.com); none: any.
+    cors_origins: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> StackConfig:
@@ -199,13 +203,16 @@ class StackConfig:
             extra_knowledge=_env_addresses(env, "KBMESH_ENVOY_KNOWLEDGE"),
             upload_burst=_env_count(env, "KBMESH_ENVOY_UPLOAD_BURST", d.upload_burst),
             upload_rate=_env_count(env, "KBMESH_ENVOY_UPLOAD_RATE", d.upload_rate),
+            cors_origins=tuple(
+                o.strip() for o in env.get("KBMESH_ENVOY_CORS_ORIGINS", "").split(",") if o.strip()
+            ),
         )
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> StackConfig:
         fields = dict(data)
         fields["home"] = Path(fields["home"])
-        for name in ("extra_task_managers", "extra_knowledge"):
+        for name in ("extra_task_managers", "extra_knowledge", "cors_origins"):
             fields[name] = tuple(fields.get(name, ()))
         return cls(**fields)
 
@@ -582,6 +589,7 @@ def start_parts(
         upload_rate_limit=servers.UploadRateLimit(
             burst=config.upload_burst, per_second=config.upload_rate
         ),
+        cors_origins=config.cors_origins,
         run_dir=run / "envoy",
         log_path=config.log_path("envoy"),
         timeout=timeout,

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from devstack import servers
+from devstack.servers import _walk, render_envoy_config
 from devstack.stack import StackConfig
 
 
@@ -67,3 +68,24 @@ def test_replicas_and_rate_from_environment() -> None:
     assert (config.upload_burst, config.upload_rate) == (7, 20)
     with pytest.raises(SystemExit):
         StackConfig.from_env({"KBMESH_ENVOY_KNOWLEDGE": "nohost"})
+
+
+def test_cors_origins_from_environment_replace_any_origin() -> None:
+    config = StackConfig.from_env(
+        {"KBMESH_ENVOY_CORS_ORIGINS": "https://kb.example.com, http://localhost:3000"}
+    )
+    assert config.cors_origins == ("https://kb.example.com", "http://localhost:3000")
+    assert StackConfig.from_json(config.to_json()) == config
+    rendered = render_envoy_config(
+        listen_port=8080,
+        admin_port=9901,
+        upstreams={"task_manager": ["127.0.0.1:1"], "knowledge": ["127.0.0.1:2"]},
+        cors_origins=config.cors_origins,
+    )
+    policies = [n for n in _walk(rendered) if "allow_origin_string_match" in n]
+    assert policies
+    for policy in policies:
+        assert policy["allow_origin_string_match"] == [
+            {"exact": "https://kb.example.com"},
+            {"exact": "http://localhost:3000"},
+        ]
