@@ -129,6 +129,15 @@ def test_upload_a_directory_wait_and_search(mesh: Mesh, tmp_path: Path) -> None:
     dog = next(d for d in docs if d["filename"] == "dog.txt")
     chunks = kbmesh(env, "docs", "chunks", dog["id"], "--kb", kb_id)
     assert "Biscuit" in chunks.stdout
+    # Re-index the stored file with another chunking and follow it to the end.
+    again = kbmesh(
+        env, "docs", "reindex", dog["id"], "--kb", kb_id, "--strategy", "token", "--wait"
+    )
+    assert again.returncode == Exit.OK, again.stdout + again.stderr
+    reindexed = json.loads(kbmesh(env, "docs", "get", dog["id"], "--kb", kb_id, "--json").stdout)
+    assert reindexed["state"] == "STATE_SUCCEEDED"
+    assert reindexed["task_id"] != dog["task_id"]
+    assert int(reindexed["chunk_count"]) >= 1
     deleted = kbmesh(env, "docs", "delete", dog["id"], "--kb", kb_id)
     assert deleted.returncode == Exit.OK, deleted.stderr
     gone = kbmesh(env, "docs", "get", dog["id"], "--kb", kb_id)
