@@ -960,6 +960,38 @@ class EnvoyTls:
     key_file: Path
 
 
+@dataclass(frozen=True)
+class EnvoyUpstreamTls:
+    """TLS from Envoy to the services (their `grpc.tls_*` settings): trust
+    `ca_file`; with `cert_file`/`key_file`, present a client certificate too
+    (services that require mTLS)."""
+
+    ca_file: Path
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    def transport_socket(self) -> dict[str, Any]:
+        common: dict[str, Any] = {
+            "alpn_protocols": ["h2"],  # gRPC upstreams
+            "validation_context": {"trusted_ca": {"filename": str(self.ca_file.resolve())}},
+        }
+        if self.cert_file is not None and self.key_file is not None:
+            common["tls_certificates"] = [
+                {
+                    "certificate_chain": {"filename": str(self.cert_file.resolve())},
+                    "private_key": {"filename": str(self.key_file.resolve())},
+                }
+            ]
+        return {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
+                "UpstreamTlsContext",
+                "common_tls_context": common,
+            },
+        }
+
+
 def _tls_listener(plain: Mapping[str, Any], tls: EnvoyTls) -> dict[str, Any]:
     listener = copy.deepcopy(dict(plain))
     listener["name"] = f"{listener.get('name', 'listener')}_tls"
@@ -997,6 +1029,7 @@ def render_envoy_config(
     upload_rate_limit: UploadRateLimit | None = None,
     tls: EnvoyTls | None = None,
     cors_origins: Sequence[str] = (),
+    upstream_tls: EnvoyUpstreamTls | None = None,
 ) -> dict[str, Any]:
     """gateway/envoy.yaml with the given ports, upstreams and descriptor.
 
@@ -1040,6 +1073,8 @@ def render_envoy_config(
             "cluster_name": name,
             "endpoints": [{"lb_endpoints": lb_endpoints}],
         }
+        if upstream_tls is not None:
+            clusters[name]["transport_socket"] = upstream_tls.transport_socket()
 
     descriptor_path = str(descriptor.resolve())
     rate_limited = False
@@ -1140,6 +1175,7 @@ def start_envoy(
     upload_rate_limit: UploadRateLimit | None = None,
     tls: EnvoyTls | None = None,
     cors_origins: Sequence[str] = (),
+    upstream_tls: EnvoyUpstreamTls | None = None,
 ) -> EnvoyServer:
     """Render the gateway config into `run_dir` and run Envoy on it (plus a
     TLS listener with the same routes when `tls` is given).
@@ -1164,6 +1200,7 @@ def start_envoy(
         upload_rate_limit=upload_rate_limit,
         tls=tls,
         cors_origins=cors_origins,
+        upstream_tls=upstream_tls,
     )
     config_path = write_envoy_config(run_dir / "envoy.yaml", config)
     argv: list[str | os.PathLike[str]] = [

@@ -46,7 +46,8 @@ Fixtures (scope) — for type annotations import the classes from
     gateway/envoy.yaml for those upstreams (several = replicas) and returns
     an EnvoyServer (``.http_url``, ``.admin_url``, ``.grpc_address``);
     ``tls=EnvoyTls(port, cert_file, key_file)`` adds a TLS listener with the
-    same routes (``.https_url``).
+    same routes (``.https_url``); ``upstream_tls=EnvoyUpstreamTls(ca, cert,
+    key)`` makes Envoy reach TLS (mTLS) services.
 ``stack`` (module) -> Stack
     The whole mesh for one test module: a private Redis, a fresh bucket on
     ``s3_server``, a Task Manager, a Knowledge Service and Envoy in front of
@@ -74,6 +75,7 @@ from devstack.servers import (
     DEFAULT_DESCRIPTOR,
     EnvoyServer,
     EnvoyTls,
+    EnvoyUpstreamTls,
     RedisServer,
     S3Settings,
     SeaweedServer,
@@ -257,6 +259,7 @@ class EnvoyFactory:
         knowledge: Sequence[str],
         descriptor: Path = DEFAULT_DESCRIPTOR,
         tls: EnvoyTls | None = None,
+        upstream_tls: EnvoyUpstreamTls | None = None,
     ) -> EnvoyServer:
         here = self._launcher.workdir("envoy")
         return self._launcher.track(
@@ -269,6 +272,7 @@ class EnvoyFactory:
                 descriptor=descriptor,
                 concurrency=1,
                 tls=tls,
+                upstream_tls=upstream_tls,
             )
         )
 

@@ -26,6 +26,7 @@ from pydantic import SecretStr
 from devstack.servers import (
     DEV_WORKER_TOKEN,
     EnvoyTls,
+    EnvoyUpstreamTls,
     RedisServer,
     SeaweedServer,
     find_free_port,
@@ -288,3 +289,25 @@ async def test_envoy_terminates_tls_for_browsers(
         with pytest.raises(aiohttp.ClientError):
             async with session.get(f"http://{address}{path}"):
                 pass
+
+
+async def test_envoy_reaches_services_that_require_mtls(
+    redis_server: RedisServer, s3_server: SeaweedServer, start_envoy: EnvoyFactory, pki: Pki
+) -> None:
+    """Services on TLS with client certificates required: Envoy presents one
+    (EnvoyUpstreamTls) and REST works; without it the upstream is refused."""
+    async with task_manager(redis_server, s3_server, pki, client_ca=True) as address:
+        trusted = start_envoy(
+            task_manager=[address],
+            knowledge=[address],
+            upstream_tls=EnvoyUpstreamTls(pki.ca, pki.client_cert, pki.client_key),
+        )
+        plain = start_envoy(task_manager=[address], knowledge=[address])
+        path = "/api/v1/tasks/01jnotarealtask00000000000"
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{trusted.http_url}{path}") as response:
+                body = await response.json()
+                assert response.status == 404, body  # the Task Manager answered
+                assert body["details"][0]["reason"] == "TASK_NOT_FOUND"
+            async with session.get(f"{plain.http_url}{path}") as response:
+                assert response.status == 503
