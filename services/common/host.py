@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha._async import ReflectionServicer
 from services.common.auth import OPEN_SERVICES, ApiKeyAuth, Authenticator
 from services.common.settings import GrpcSettings
 from services.common.status import ErrorTranslation
-from services.common.tls import server_credentials
+from services.common.tls import mtls_server_credentials, server_credentials
 from services.common.validation import StringBounds
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,7 @@ class ServiceHost:
         # Then a length bound on every string of every public request.
         interceptors.append(StringBounds(OPEN_SERVICES))
         self.server = grpc.aio.server(interceptors=interceptors, options=options)
+        self.mtls_port: int | None = None  # bound by start() when configured
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         own = [*self.services, _HEALTH_SERVICE, reflection.SERVICE_NAME]
@@ -126,6 +127,13 @@ class ServiceHost:
             self.port = self.server.add_secure_port(self.settings.address, credentials)
         if self.port == 0:
             raise RuntimeError(f"{self.name}: could not bind {self.settings.address}")
+        if self.settings.mtls_port is not None:
+            address = f"{self.settings.host}:{self.settings.mtls_port}"
+            self.mtls_port = self.server.add_secure_port(
+                address, mtls_server_credentials(self.settings)
+            )
+            if self.mtls_port == 0:
+                raise RuntimeError(f"{self.name}: could not bind {address}")
         await self.server.start()
         log.info(
             "listening",
@@ -133,6 +141,7 @@ class ServiceHost:
                 "address": f"{self.settings.host}:{self.port}",
                 "tls": credentials is not None,
                 "client_certs": bool(self.settings.tls_client_ca_file),
+                "mtls_port": self.mtls_port,
             },
         )
         return self.port

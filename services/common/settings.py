@@ -38,6 +38,12 @@ class GrpcSettings(_Group):
     # Clients of the Task Manager are its workers, the Knowledge Service and
     # the gateway; gRPC cannot ask for client certificates on one service only.
     tls_client_ca_file: str = ""
+    # A second port, with the same server certificate, on which every client
+    # must present a certificate signed by `mtls_client_ca_file`: e.g. the
+    # Task Manager's port for workers (`dispatch.require_worker_certificate`)
+    # while other clients use the main port without one. 0 picks a free port.
+    mtls_port: int | None = Field(default=None, ge=0, le=65535)
+    mtls_client_ca_file: str = ""
 
     @model_validator(mode="after")
     def _tls_consistent(self) -> GrpcSettings:
@@ -45,6 +51,10 @@ class GrpcSettings(_Group):
             raise ValueError("grpc.tls_cert_file and grpc.tls_key_file go together")
         if self.tls_client_ca_file and not self.tls_cert_file:
             raise ValueError("grpc.tls_client_ca_file needs grpc.tls_cert_file (TLS)")
+        if (self.mtls_port is None) != (not self.mtls_client_ca_file):
+            raise ValueError("grpc.mtls_port and grpc.mtls_client_ca_file go together")
+        if self.mtls_port is not None and not self.tls_cert_file:
+            raise ValueError("grpc.mtls_port needs grpc.tls_cert_file (TLS)")
         return self
 
     @property

@@ -4,8 +4,9 @@ Servers: a certificate and key make the port TLS-only (plaintext is refused at
 the handshake); a client CA makes it mTLS: a client without a certificate
 signed by that CA is refused at the handshake. (gRPC Python either requires
 client certificates on a port or does not ask for them: there is no
-per-service choice, so mTLS for workers means mTLS for every client of the
-Task Manager — its workers, the Knowledge Service and the gateway.)
+per-service choice. mTLS for workers only is a second port, `grpc.mtls_port`,
+that requires them, with the worker stream refusing callers that did not
+present one: see `peer_certificate`.)
 """
 
 from __future__ import annotations
@@ -34,6 +35,24 @@ def server_credentials(settings: GrpcSettings) -> grpc.ServerCredentials | None:
             require_client_auth=True,
         )
     return grpc.ssl_server_credentials([pair])
+
+
+def mtls_server_credentials(settings: GrpcSettings) -> grpc.ServerCredentials:
+    """The `grpc.mtls_port`'s credentials: the server's certificate, client
+    certificates from `grpc.mtls_client_ca_file` required."""
+    pair = (_read(settings.tls_key_file), _read(settings.tls_cert_file))
+    return grpc.ssl_server_credentials(
+        [pair],
+        root_certificates=_read(settings.mtls_client_ca_file),
+        require_client_auth=True,
+    )
+
+
+def peer_certificate(context: Any) -> bool:
+    """Whether the caller presented a client certificate that the port
+    verified (only ports that require one ask for it)."""
+    auth = context.auth_context() or {}
+    return bool(auth.get("x509_pem_cert"))
 
 
 def open_channel(

@@ -22,8 +22,9 @@ from kbmesh.taskmanager.v1 import task_manager_pb2_grpc as tm_grpc
 from kbmesh.taskmanager.v1 import worker_pb2 as wk
 from kbmesh.taskmanager.v1 import worker_pb2_grpc as wk_grpc
 from services.common.auth import caller_tenant
-from services.common.errors import Code, InvalidArgument, KbmeshError, NotFound
+from services.common.errors import Code, InvalidArgument, KbmeshError, NotFound, Unauthenticated
 from services.common.protos import timestamp
+from services.common.tls import peer_certificate
 from services.task_manager.convert import (
     assignment_to_proto,
     duration,
@@ -262,14 +263,30 @@ class WorkerApi(wk_grpc.WorkerServiceServicer):
     session's outbox (assignments, cancels, drain), until either side ends.
     """
 
-    def __init__(self, dispatcher: Dispatcher, tokens: WorkerTokens, bucket: str) -> None:
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        tokens: WorkerTokens,
+        bucket: str,
+        *,
+        require_certificate: bool = False,
+    ) -> None:
         self._dispatcher = dispatcher
         self._tokens = tokens
         self._bucket = bucket
+        self._require_certificate = require_certificate
 
     async def Connect(
         self, request_iterator: AsyncIterable[wk.ConnectRequest], context: Context
     ) -> AsyncIterator[wk.ConnectResponse]:
+        if self._require_certificate and not peer_certificate(context):
+            log.warning(
+                "worker stream refused: no client certificate", extra={"peer": context.peer()}
+            )
+            raise Unauthenticated(
+                "WORKER_CERTIFICATE_REQUIRED",
+                "workers connect with a client certificate, to the Task Manager's mTLS port",
+            )
         metadata = dict(context.invocation_metadata() or ())
         authorization = metadata.get("authorization")
         try:

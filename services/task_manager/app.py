@@ -153,6 +153,12 @@ async def build_app(settings: TaskManagerSettings) -> AsyncIterator[TaskManagerA
             DocumentTaskApi(tasks, max_attempts=limits.max_attempts), server
         )
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(
-            WorkerApi(dispatcher, worker_tokens(settings.dispatch), settings.s3.bucket), server
+            WorkerApi(
+                dispatcher,
+                worker_tokens(settings.dispatch),
+                settings.s3.bucket,
+                require_certificate=settings.dispatch.require_worker_certificate,
+            ),
+            server,
         )
         yield TaskManagerApp(settings=settings, redis=redis, s3=s3, host=host)

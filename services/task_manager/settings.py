@@ -76,6 +76,11 @@ class DispatchSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    # Workers must present a client certificate (mTLS): connect them to
+    # `grpc.mtls_port`; a worker stream opened on a port that did not verify
+    # one is refused (WORKER_CERTIFICATE_REQUIRED), token or not.
+    require_worker_certificate: bool = False
+
     # How long an assignment stays leased without a heartbeat or progress; a worker
     # silent for longer loses the task to another worker. Seconds.
     lease_seconds: float = Field(default=30.0, ge=0.5, le=3600)
@@ -122,3 +127,14 @@ class TaskManagerSettings(BaseSettings):
     callbacks: CallbackSettings = CallbackSettings()
     dispatch: DispatchSettings = DispatchSettings()
     auth: AuthSettings = AuthSettings()
+
+    @model_validator(mode="after")
+    def _workers_can_present_certificates(self) -> TaskManagerSettings:
+        if self.dispatch.require_worker_certificate and not (
+            self.grpc.mtls_port is not None or self.grpc.tls_client_ca_file
+        ):
+            raise ValueError(
+                "dispatch.require_worker_certificate needs grpc.mtls_port (or "
+                "grpc.tls_client_ca_file): no port would verify a worker's certificate"
+            )
+        return self

@@ -48,6 +48,7 @@ from services.common.tls import open_channel
 from services.task_manager.app import build_app
 from services.task_manager.settings import DispatchSettings, TaskManagerSettings
 from tests.conftest import EnvoyFactory, Stack, WorkerFactory
+from tests.support import error_info
 
 pytestmark = pytest.mark.integration
 
@@ -311,3 +312,55 @@ async def test_envoy_reaches_services_that_require_mtls(
                 assert body["details"][0]["reason"] == "TASK_NOT_FOUND"
             async with session.get(f"{plain.http_url}{path}") as response:
                 assert response.status == 503
+
+
+async def test_mtls_for_workers_only_on_a_port_of_their_own(
+    redis_server: RedisServer, s3_server: SeaweedServer, pki: Pki
+) -> None:
+    """`grpc.mtls_port` requires client certificates; with
+    `dispatch.require_worker_certificate` the worker stream is refused on the
+    main TLS port (which asks no certificate of the gateway or the Knowledge
+    Service), even with a valid worker token."""
+    s3 = s3_server.s3
+    settings = TaskManagerSettings(
+        grpc=GrpcSettings(
+            port=0,
+            tls_cert_file=str(pki.server_cert),
+            tls_key_file=str(pki.server_key),
+            mtls_port=0,
+            mtls_client_ca_file=str(pki.ca),
+            shutdown_grace_seconds=0.5,
+        ),
+        redis=RedisSettings(url=SecretStr(redis_server.url)),
+        s3=S3Settings(
+            endpoint_url=s3.endpoint_url,
+            bucket=s3.bucket,
+            region=s3.region,
+            access_key_id=SecretStr(s3.access_key_id),
+            secret_access_key=SecretStr(s3.secret_access_key),
+        ),
+        auth=AuthSettings(mode="off"),
+        dispatch=DispatchSettings(
+            worker_tokens=(DEV_WORKER_TOKEN,),  # type: ignore[arg-type]
+            require_worker_certificate=True,
+        ),
+    )
+    async with build_app(settings) as app:
+        port = await app.host.start()
+        await app.host.set_serving(True)
+        try:
+            main, workers = f"127.0.0.1:{port}", f"127.0.0.1:{app.host.mtls_port}"
+            async with open_channel(main, tls(pki)) as channel:  # no client certificate
+                assert await health(channel) == health_pb2.HealthCheckResponse.SERVING
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await welcome(channel)
+                assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                assert error_info(refused.value).reason == "WORKER_CERTIFICATE_REQUIRED"
+            async with open_channel(workers, tls(pki, client=True)) as channel:
+                assert (await welcome(channel)).HasField("welcome")
+            async with open_channel(workers, tls(pki)) as channel:
+                with pytest.raises(grpc.aio.AioRpcError) as handshake:
+                    await health(channel)
+                assert handshake.value.code() == grpc.StatusCode.UNAVAILABLE
+        finally:
+            await app.host.stop()

@@ -71,3 +71,14 @@ def test_heartbeats_must_fit_twice_in_a_lease(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("KBMESH_TASK_MANAGER_DISPATCH__HEARTBEAT_SECONDS", "2")
     with pytest.raises(ValidationError, match="at most half"):
         TaskManagerSettings()
+
+
+def test_worker_certificates_need_a_port_that_verifies_them() -> None:
+    from pydantic import ValidationError
+
+    from services.task_manager.settings import DispatchSettings, TaskManagerSettings
+
+    with pytest.raises(ValidationError, match="require_worker_certificate"):
+        TaskManagerSettings(dispatch=DispatchSettings(require_worker_certificate=True))
+    with pytest.raises(ValidationError, match="mtls_port"):
+        GrpcSettings(mtls_port=0)
