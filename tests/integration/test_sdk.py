@@ -101,7 +101,9 @@ async def test_upload_watch_list_and_search(client: AsyncClient, tmp_path: Path)
     assert (await client.get_knowledge_base(base.id)).name == base.name
     assert base.id in {b.id async for b in client.list_knowledge_bases()}
 
-    handbook = documents.write(tmp_path, "handbook.docx", documents.docx())
+    # Generated once: a DOCX carries its creation time, so two are not equal.
+    docx = documents.docx()
+    handbook = documents.write(tmp_path, "handbook.docx", docx)
     guide = io.BytesIO(documents.MARKDOWN)
 
     async def notes() -> AsyncIterator[bytes]:
@@ -114,8 +116,8 @@ async def test_upload_watch_list_and_search(client: AsyncClient, tmp_path: Path)
     from_stream = await client.upload(base.id, notes(), filename="notes.txt")
 
     # Paths and seekable files are hashed first: the header carried size and sha256.
-    assert from_path.task.sha256 == hashlib.sha256(documents.docx()).hexdigest()
-    assert sent[-1] == (len(documents.docx()), len(documents.docx()))
+    assert from_path.task.sha256 == hashlib.sha256(docx).hexdigest()
+    assert sent[-1] == (len(docx), len(docx))
     assert from_file.task.sha256 == hashlib.sha256(documents.MARKDOWN).hexdigest()
     assert from_stream.task.size_bytes == len(documents.TEXT)
 
