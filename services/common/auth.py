@@ -36,6 +36,7 @@ from services.common import redis_keys
 from services.common.errors import Unauthenticated
 from services.common.ids import is_id, new_id
 from services.common.settings import DEFAULT_TENANT, TENANT_PATTERN, AuthSettings, GrpcSettings
+from services.common.status import rewrap_handler
 
 log = logging.getLogger(__name__)
 
@@ -319,23 +320,9 @@ class ApiKeyAuth(_Interceptor):
 
             return wrapped
 
-        kwargs = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                unary_response(handler.unary_unary), **kwargs
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                unary_response(handler.stream_unary), **kwargs
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                stream_response(handler.unary_stream), **kwargs
-            )
-        assert handler.stream_stream is not None
-        return grpc.stream_stream_rpc_method_handler(
-            stream_response(handler.stream_stream), **kwargs
+        return rewrap_handler(
+            handler,
+            lambda fn, _, streams_responses: (
+                stream_response(fn) if streams_responses else unary_response(fn)
+            ),
         )

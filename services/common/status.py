@@ -64,6 +64,35 @@ else:
     _Handler = grpc.RpcMethodHandler
 
 
+# Wraps one behaviour: (handler function, streams requests, streams responses)
+# -> the function to run instead.
+Rewrap = Callable[[Callable[..., Any], bool, bool], Callable[..., Any]]
+
+
+def rewrap_handler(handler: _Handler, wrap: Rewrap) -> _Handler:
+    """`handler` with its behaviour replaced by `wrap(behaviour, ...)`, same
+    (de)serializers and streaming kind: the one way every interceptor here
+    wraps a method."""
+    kwargs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(
+            wrap(handler.unary_unary, False, False), **kwargs
+        )
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(
+            wrap(handler.stream_unary, True, False), **kwargs
+        )
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(
+            wrap(handler.unary_stream, False, True), **kwargs
+        )
+    assert handler.stream_stream is not None
+    return grpc.stream_stream_rpc_method_handler(wrap(handler.stream_stream, True, True), **kwargs)
+
+
 class ErrorTranslation(_Interceptor):
     """Wraps every RPC handler of a server with the error translation."""
 
@@ -119,24 +148,9 @@ class ErrorTranslation(_Interceptor):
 
             return wrapped
 
-        kwargs = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                unary_response(handler.unary_unary), **kwargs
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                unary_response(handler.stream_unary), **kwargs
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                stream_response(handler.unary_stream), **kwargs
-            )
-        assert handler.stream_stream is not None
-        assert handler.stream_stream is not None
-        return grpc.stream_stream_rpc_method_handler(
-            stream_response(handler.stream_stream), **kwargs
+        return rewrap_handler(
+            handler,
+            lambda fn, _, streams_responses: (
+                stream_response(fn) if streams_responses else unary_response(fn)
+            ),
         )

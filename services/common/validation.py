@@ -23,7 +23,9 @@ import grpc
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
+from services.common.auth import service_of
 from services.common.errors import InvalidArgument
+from services.common.status import rewrap_handler
 
 # The default ceiling, in characters, for any string field.
 MAX_STRING_CHARS = 16_384
@@ -108,8 +110,7 @@ class StringBounds(_Interceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> _Handler:
         handler = await continuation(handler_call_details)
-        service = handler_call_details.method.lstrip("/").split("/", 1)[0]
-        if handler is None or service in self._exempt:
+        if handler is None or service_of(handler_call_details.method) in self._exempt:
             return handler
         limit = self._limit
 
@@ -131,15 +132,6 @@ class StringBounds(_Interceptor):
 
             return wrapped
 
-        kwargs = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(single(handler.unary_unary), **kwargs)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(single(handler.unary_stream), **kwargs)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(stream(handler.stream_unary), **kwargs)
-        assert handler.stream_stream is not None
-        return grpc.stream_stream_rpc_method_handler(stream(handler.stream_stream), **kwargs)
+        return rewrap_handler(
+            handler, lambda fn, streams_requests, _: stream(fn) if streams_requests else single(fn)
+        )

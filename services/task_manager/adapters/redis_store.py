@@ -316,6 +316,26 @@ local function flat(t)
 end
 """
 
+# What both task-creating scripts end with, on the same KEYS layout: 2 request
+# key, 5 new task hash, 6 its events, 7-10 the four indexes, 11 QUEUE_READY.
+# Writes the task, remembers the request id, indexes and queues it, wakes the
+# dispatchers and records the first event: answers {"created", event id}.
+_QUEUE_NEW_TASK = """
+local function queue_new_task(spec)
+  local task = flat(spec.task)
+  redis.call('HSET', KEYS[5], unpack(task))
+  if spec.request then
+    redis.call('SET', KEYS[2], spec.task_id, 'EX', spec.request_ttl)
+  end
+  for i = 7, 10 do redis.call('ZADD', KEYS[i], spec.task.create_time_ms, spec.task_id) end
+  redis.call('ZADD', KEYS[11], spec.score, spec.task_id)
+  if spec.wake then redis.call('PUBLISH', spec.wake, spec.task_id) end
+  local event_id = redis.call('XADD', KEYS[6], 'MAXLEN', '~', spec.maxlen, '*',
+    'event_type', 'STATE_CHANGED', 'event_time_ms', spec.time_ms, unpack(task))
+  return {'created', event_id}
+end
+"""
+
 # KEYS: 1 knowledge base hash, 2 request key, 3 content key, 4 document hash, 5 task hash,
 #       6 task events, 7 tenant tasks, 8 kb tasks, 9 tenant tasks in PENDING, 10 kb tasks
 #       in PENDING, 11 QUEUE_READY, 12 kb documents, 13 the tenant's usage (quotas).
@@ -326,6 +346,7 @@ end
 # command) | {"replayed", task id} | {"duplicate", document id} | {"kb_missing"}.
 _CREATE = (
     _FLAT
+    + _QUEUE_NEW_TASK
     + """
 local spec = cjson.decode(ARGV[1])
 if redis.call('EXISTS', KEYS[5]) == 1 then return {'exists'} end
@@ -338,29 +359,18 @@ if not spec.force then
   local same = redis.call('GET', KEYS[3])
   if same then return {'duplicate', same} end
 end
-local task = flat(spec.task)
 redis.call('HSET', KEYS[4], unpack(flat(spec.document)))
-redis.call('HSET', KEYS[5], unpack(task))
 redis.call('SET', KEYS[3], spec.document_id)
-if spec.request then
-  redis.call('SET', KEYS[2], spec.task_id, 'EX', spec.request_ttl)
-end
-local created = spec.task.create_time_ms
-for i = 7, 10 do redis.call('ZADD', KEYS[i], created, spec.task_id) end
-redis.call('ZADD', KEYS[11], spec.score, spec.task_id)
-redis.call('ZADD', KEYS[12], created, spec.document_id)
+redis.call('ZADD', KEYS[12], spec.task.create_time_ms, spec.document_id)
 redis.call('HINCRBY', KEYS[13], 'bytes', spec.task.size_bytes)
 redis.call('HINCRBY', KEYS[13], 'documents', 1)
-if spec.wake then redis.call('PUBLISH', spec.wake, spec.task_id) end
-local event_id = redis.call('XADD', KEYS[6], 'MAXLEN', '~', spec.maxlen, '*',
-  'event_type', 'STATE_CHANGED', 'event_time_ms', spec.time_ms, unpack(task))
-return {'created', event_id}
+return queue_new_task(spec)
 """
 )
 
 # KEYS: 1 knowledge base hash, 2 request key, 3 document hash, 4 the document's previous
-#       task hash, 5 new task hash, 6 its events, 7 TASKS, 8 kb tasks, 9 tasks in PENDING,
-#       10 kb tasks in PENDING, 11 QUEUE_READY.
+#       task hash, 5 new task hash, 6 its events, 7 tenant tasks, 8 kb tasks, 9 tenant
+#       tasks in PENDING, 10 kb tasks in PENDING, 11 QUEUE_READY.
 # ARGV[1]: JSON {request (boolean), request_ttl, maxlen (numbers), knowledge_base_id,
 #       previous_task_id, score, time_ms, task_id, wake (strings), task, document (objects
 #       of string fields: the document fields to set)}.
@@ -369,6 +379,7 @@ return {'created', event_id}
 # previous_task_id any more) | {"active", state} (that task is PENDING or RUNNING).
 _REQUEUE = (
     _FLAT
+    + _QUEUE_NEW_TASK
     + """
 local spec = cjson.decode(ARGV[1])
 if redis.call('EXISTS', KEYS[5]) == 1 then return {'exists'} end
@@ -382,19 +393,8 @@ if doc[1] ~= spec.knowledge_base_id or doc[3] == '1' then return {'document_miss
 if (doc[2] or '') ~= spec.previous_task_id then return {'moved'} end
 local state = redis.call('HGET', KEYS[4], 'state')
 if state == 'PENDING' or state == 'RUNNING' then return {'active', state} end
-local task = flat(spec.task)
-redis.call('HSET', KEYS[5], unpack(task))
 redis.call('HSET', KEYS[3], unpack(flat(spec.document)))
-if spec.request then
-  redis.call('SET', KEYS[2], spec.task_id, 'EX', spec.request_ttl)
-end
-local created = spec.task.create_time_ms
-for i = 7, 10 do redis.call('ZADD', KEYS[i], created, spec.task_id) end
-redis.call('ZADD', KEYS[11], spec.score, spec.task_id)
-if spec.wake then redis.call('PUBLISH', spec.wake, spec.task_id) end
-local event_id = redis.call('XADD', KEYS[6], 'MAXLEN', '~', spec.maxlen, '*',
-  'event_type', 'STATE_CHANGED', 'event_time_ms', spec.time_ms, unpack(task))
-return {'created', event_id}
+return queue_new_task(spec)
 """
 )
 
