@@ -89,15 +89,16 @@ class TaskManagerApi(tm_grpc.TaskManagerServiceServicer):
         header = dataclasses.replace(header_from_proto(first), tenant=caller_tenant())
 
         async def chunks() -> AsyncIterator[bytes]:
-            if first.file.data:
-                yield first.file.data
+            # Each read of a bytes field copies it out of the message: once.
+            if data := first.file.data:
+                yield data
             async for message in messages:
                 if has_header(message):
                     raise InvalidArgument(
                         "HEADER_NOT_FIRST", "header fields are only allowed in the first message"
                     )
-                if message.file.data:
-                    yield message.file.data
+                if data := message.file.data:
+                    yield data
 
         body: AsyncIterator[bytes] = chunks()
         # An HTML form's multipart/form-data body (through Envoy, its HTTP

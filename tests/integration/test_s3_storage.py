@@ -17,6 +17,7 @@ from devstack.servers import find_free_port
 from services.common.connections import open_s3
 from services.common.errors import Unavailable
 from services.common.settings import S3Settings
+from services.task_manager.adapters import s3_put
 from services.task_manager.adapters.s3_put import SignedPut, open_signed_put
 from services.task_manager.adapters.s3_storage import S3ObjectStore
 from tests.conftest import BucketFactory
@@ -105,7 +106,7 @@ async def test_signed_put_with_wrong_credentials_is_unavailable(s3_settings: S3S
     wrong = s3_settings.model_copy(update={"secret_access_key": SecretStr("not-the-secret")})
     async with open_signed_put(wrong) as signed:
         with pytest.raises(Unavailable) as caught:
-            await signed.put("k", b"x", "text/plain", hashlib.sha256(b"x").hexdigest())
+            await signed.put("k", [b"x"], "text/plain", hashlib.sha256(b"x").hexdigest())
     assert caught.value.reason == "STORAGE_UNAVAILABLE"
 
 
@@ -119,6 +120,24 @@ async def test_large_object_streams_in_parts(store: tuple[S3ObjectStore, Any]) -
     stored = await read(client, objects.bucket, "kb/k/objects/large")
     assert hashlib.sha256(stored).digest() == hashlib.sha256(data).digest()
     assert await incomplete(client, objects.bucket) == []
+
+
+async def test_s3_refuses_a_part_that_does_not_match_its_crc32c(
+    store: tuple[S3ObjectStore, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A part corrupted on its way is refused by S3, and the upload fails
+    with it (the writer is then aborted, as Uploads does)."""
+    objects, client = store
+    monkeypatch.setattr(s3_put, "crc32c", lambda body: b"\x00\x00\x00\x00")
+    writer = await objects.open_writer("kb/k/objects/bad-part", "application/octet-stream")
+    await writer.write(os.urandom(6 * MIB))  # one part goes out
+    with pytest.raises(Unavailable) as caught:
+        await writer.complete("unused")
+    assert caught.value.reason == "STORAGE_UNAVAILABLE"
+    await writer.abort()
+    assert await incomplete(client, objects.bucket) == []
+    listed = await client.list_objects_v2(Bucket=objects.bucket)
+    assert listed.get("Contents", []) == []
 
 
 async def test_abort_leaves_no_object_and_no_upload(store: tuple[S3ObjectStore, Any]) -> None:
@@ -166,5 +185,5 @@ async def test_signed_put_to_a_stopped_s3_is_unavailable() -> None:
     async with open_signed_put(settings) as signed:
         assert isinstance(signed, SignedPut)
         with pytest.raises(Unavailable) as caught:
-            await signed.put("k", b"x", "text/plain", hashlib.sha256(b"x").hexdigest())
+            await signed.put("k", [b"x"], "text/plain", hashlib.sha256(b"x").hexdigest())
     assert caught.value.reason == "STORAGE_UNAVAILABLE"

@@ -14,8 +14,10 @@ signed and sent as the object's checksum (`x-amz-checksum-sha256`). The Task
 Manager computes that digest while streaming anyway, and S3 verifies the
 checksum against the bytes it received (BadDigest otherwise; SeaweedFS and
 AWS both do), so integrity is checked end to end at no extra cost.
-Multipart uploads (large files) stay on botocore: their per-request cost is
-negligible next to an 8 MiB part.
+
+Multipart parts go out the same way, with a CRC32C of the part that S3
+verifies (see `SignedPut.upload_part`). Bodies are lists of the chunks the
+client sent, written as they are: no part is ever joined into one buffer.
 """
 
 from __future__ import annotations
@@ -26,17 +28,17 @@ import hashlib
 import hmac
 import logging
 import random
-import zlib
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from urllib.parse import quote
 
 import aiohttp
+import google_crc32c
 from yarl import URL
 
 from services.common.settings import S3Settings
-from services.task_manager.adapters.s3_storage import storage_unavailable
+from services.task_manager.adapters.s3_storage import Body, storage_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,8 @@ _ATTEMPTS = 3
 _BACKOFF_SECONDS = 0.05
 # What S3 answers when a retry may succeed (throttling, server trouble).
 _RETRYABLE = frozenset({429, 500, 502, 503, 504})
+if google_crc32c.implementation != "c":
+    log.warning("google-crc32c has no compiled extension here: part checksums will be slow")
 
 
 class S3RequestFailed(Exception):
@@ -127,17 +131,26 @@ class SigV4Signer:
         return signed
 
 
-# Bodies are written in slices of this size, each awaited: a whole 8 MiB
-# part handed to the transport at once would be copied into its buffer.
+# Bodies are written in slices of at most this size, each awaited: a large
+# buffer handed to the transport at once would be copied into its buffer.
 _WRITE_BYTES = 1024 * 1024
 
 
-async def _pieces(body: bytes) -> AsyncIterator[memoryview]:
+async def _pieces(body: Body) -> AsyncIterator[memoryview]:
     """`body` as zero-copy slices (sent with an explicit Content-Length, so
     not chunked: S3 wants the length of a PUT up front)."""
-    view = memoryview(body)
-    for start in range(0, len(view), _WRITE_BYTES):
-        yield view[start : start + _WRITE_BYTES]
+    for chunk in body:
+        view = memoryview(chunk)
+        for start in range(0, len(view), _WRITE_BYTES):
+            yield view[start : start + _WRITE_BYTES]
+
+
+def crc32c(body: Body) -> bytes:
+    """The body's CRC32C, big-endian (as `x-amz-checksum-crc32c` wants it)."""
+    crc = 0
+    for chunk in body:
+        crc = google_crc32c.extend(crc, chunk)
+    return int(crc).to_bytes(4, "big")
 
 
 def canonical_query(params: dict[str, str]) -> str:
@@ -171,7 +184,7 @@ class SignedPut:
             settings.region,
         )
 
-    async def put(self, key: str, body: bytes, content_type: str, sha256: str) -> None:
+    async def put(self, key: str, body: Body, content_type: str, sha256: str) -> None:
         """Stores `body` under `key`; `sha256` is its hex digest, which S3
         checks. Unavailable (STORAGE_UNAVAILABLE) when S3 cannot store it."""
         checksum = base64.b64encode(bytes.fromhex(sha256)).decode()
@@ -182,19 +195,19 @@ class SignedPut:
             {"content-type": content_type, "x-amz-checksum-sha256": checksum},
         )
 
-    async def upload_part(self, key: str, upload_id: str, number: int, body: bytes) -> str:
+    async def upload_part(self, key: str, upload_id: str, number: int, body: Body) -> str:
         """Uploads part `number` of a multipart upload; returns its ETag.
 
         botocore signs a part's payload over plain HTTP (a SHA-256 of the 8 MiB
         on the event loop) and adds a CRC32 of it too. Here the payload is
-        UNSIGNED-PAYLOAD (what botocore sends over HTTPS) and the CRC32, which
-        S3 verifies, is computed in a thread: zlib releases the GIL, so it runs
-        on another core while the loop keeps receiving."""
-        crc = await asyncio.to_thread(zlib.crc32, body)
-        checksum = base64.b64encode(crc.to_bytes(4, "big")).decode()
+        UNSIGNED-PAYLOAD (what botocore sends over HTTPS) with a CRC32C, which
+        S3 verifies (a part that does not match is refused). CRC32C has a
+        hardware instruction: google-crc32c does about 11 GB/s on one core
+        where zlib's CRC32 did 2 GB/s, so it runs on the loop (0.7 ms for 8 MiB)."""
+        checksum = base64.b64encode(crc32c(body)).decode()
         query = canonical_query({"partNumber": str(number), "uploadId": upload_id})
         headers = await self._put(
-            key, body, "UNSIGNED-PAYLOAD", {"x-amz-checksum-crc32": checksum}, query
+            key, body, "UNSIGNED-PAYLOAD", {"x-amz-checksum-crc32c": checksum}, query
         )
         etag = headers.get("ETag")
         if not etag:
@@ -205,7 +218,7 @@ class SignedPut:
     async def _put(
         self,
         key: str,
-        body: bytes,
+        body: Body,
         payload_sha256: str,
         extra: dict[str, str],
         query: str = "",
@@ -220,7 +233,7 @@ class SignedPut:
                 "PUT", self._host, path, payload_sha256, extra, query=query
             )
             try:
-                headers["content-length"] = str(len(body))
+                headers["content-length"] = str(sum(len(chunk) for chunk in body))
                 async with self._session.put(url, data=_pieces(body), headers=headers) as answer:
                     text = await answer.text()
                     if answer.status == 200:

@@ -5,6 +5,10 @@ A writer buffers one part (`part_size`, 8 MiB by default) and keeps at most
 upload is bounded by `part_size * (parts_in_flight + 1)` whatever the file size,
 and the client stream is paused (gRPC flow control) while S3 is slower than
 the client. Files smaller than one part are stored with a single PUT.
+
+A part is the list of the chunks it was received in, never joined into one
+buffer: joining copied every byte once more and allocated (and page-faulted)
+a fresh 8 MiB per part. Only a chunk that straddles two parts is split.
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -24,10 +29,12 @@ log = logging.getLogger(__name__)
 
 MIN_PART_SIZE = 5 * 1024 * 1024  # S3's minimum for every part but the last
 T = TypeVar("T")
+# A request body in pieces, sent in order (their concatenation is the body).
+Body = Sequence[bytes]
 # Stores a whole object in one request: (key, body, content type, body's sha256 hex).
-PutObject = Callable[[str, bytes, str, str], Awaitable[None]]
+PutObject = Callable[[str, Body, str, str], Awaitable[None]]
 # Uploads one part: (key, upload id, part number, body) -> the part's ETag.
-UploadPart = Callable[[str, str, int, bytes], Awaitable[str]]
+UploadPart = Callable[[str, str, int, Body], Awaitable[str]]
 
 
 def storage_unavailable(exc: BaseException) -> Unavailable:
@@ -65,7 +72,7 @@ class S3ObjectWriter:
         self._content_type = content_type
         self._part_size = part_size
         self._in_flight = in_flight
-        self._chunks: list[bytes] = []
+        self._chunks: deque[bytes] = deque()
         self._buffered = 0
         self._upload_id: str | None = None
         self._pending: list[asyncio.Task[dict[str, Any]]] = []
@@ -74,22 +81,28 @@ class S3ObjectWriter:
         self._finished = False
 
     async def write(self, data: bytes) -> None:
-        # Chunks are kept as received and joined once per part: one copy per
-        # byte, no reslicing of a growing buffer.
         self._chunks.append(data)
         self._buffered += len(data)
         while self._buffered >= self._part_size:
             await self._send_part(self._take(self._part_size))
 
-    def _take(self, size: int) -> bytes:
-        """Removes and returns the first `size` buffered bytes (all if fewer)."""
-        joined = b"".join(self._chunks)
-        part, rest = joined[:size], joined[size:]
-        self._chunks = [rest] if rest else []
-        self._buffered = len(rest)
-        return part
+    def _take(self, size: int) -> list[bytes]:
+        """Removes and returns the first `size` buffered bytes (all if fewer),
+        as the chunks they arrived in."""
+        size = min(size, self._buffered)
+        taken: list[bytes] = []
+        needed = size
+        while needed:
+            chunk = self._chunks.popleft()
+            if len(chunk) > needed:  # straddles the boundary: the only copy
+                self._chunks.appendleft(chunk[needed:])
+                chunk = chunk[:needed]
+            taken.append(chunk)
+            needed -= len(chunk)
+        self._buffered -= size
+        return taken
 
-    async def _send_part(self, body: bytes) -> None:
+    async def _send_part(self, body: Body) -> None:
         if self._upload_id is None:
             created = await _s3_call(
                 lambda: self._client.create_multipart_upload(
@@ -105,7 +118,7 @@ class S3ObjectWriter:
             oldest = self._pending.pop(0)
             self._parts.append(await oldest)
 
-    async def _upload_part(self, number: int, body: bytes) -> dict[str, Any]:
+    async def _upload_part(self, number: int, body: Body) -> dict[str, Any]:
         if self._put_part is not None:
             assert self._upload_id is not None
             etag = await self._put_part(self._key, self._upload_id, number, body)
@@ -116,7 +129,7 @@ class S3ObjectWriter:
                 Key=self._key,
                 UploadId=self._upload_id,
                 PartNumber=number,
-                Body=body,
+                Body=b"".join(body),
             )
         )
         return {"PartNumber": number, "ETag": answer["ETag"]}
@@ -127,7 +140,7 @@ class S3ObjectWriter:
         if self._upload_id is None and self._put is not None:
             await self._put(self._key, self._take(self._buffered), self._content_type, sha256)
         elif self._upload_id is None:
-            body = self._take(self._buffered)
+            body = b"".join(self._take(self._buffered))
             await _s3_call(
                 lambda: self._client.put_object(
                     Bucket=self._bucket, Key=self._key, Body=body, ContentType=self._content_type
@@ -155,7 +168,7 @@ class S3ObjectWriter:
         if self._finished:
             return
         self._finished = True
-        self._chunks, self._buffered = [], 0
+        self._chunks, self._buffered = deque(), 0
         for task in self._pending:
             task.cancel()
         for task in self._pending:
