@@ -275,6 +275,9 @@ async def ack_latencies(
             async def messages() -> AsyncIterator[tm.UploadRequest]:
                 nonlocal last_byte
                 yield tm.UploadRequest(knowledge_base_id=kb, filename=name)
+                # Unique bytes first: uploads of the same size would otherwise
+                # be identical, and duplicates are answered differently.
+                yield tm.UploadRequest(file={"data": os.urandom(16)})
                 started = time.perf_counter()
                 sent = 0
                 for piece in chunks(size, PACED_CHUNK if rate else CHUNK):
@@ -407,6 +410,10 @@ async def main() -> None:
         direct, via_tm, via_envoy = (
             statistics.median(timings[p]) for p in ("direct", "tm", "envoy")
         )
+        # The big uploads leave gigabytes of dirty pages that the kernel
+        # writes back for the next tens of seconds; the latency phases should
+        # not measure that disk traffic.
+        os.sync()
         phases = {}
         for rate in (args.client_rate_kib * 1024, 0):
             cpu_before = cpu_seconds(stack.tm_pid)

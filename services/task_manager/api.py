@@ -125,6 +125,7 @@ class TaskManagerApi(tm_grpc.TaskManagerServiceServicer):
                 "duplicate": result.duplicate,
                 "replayed": result.replayed,
                 "ack_ms": round(result.ack_ms, 2),
+                "stored_ms": round(result.stored_ms, 2),
             },
         )
         return tm.UploadResponse(

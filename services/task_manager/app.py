@@ -106,6 +106,7 @@ async def build_app(settings: TaskManagerSettings) -> AsyncIterator[TaskManagerA
             parts_in_flight=limits.parts_in_flight,
             put=signed_put.put,
             upload_part=signed_put.upload_part,
+            delete=signed_put.delete,
         )
         uploads = Uploads(
             tasks,

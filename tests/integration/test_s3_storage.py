@@ -50,6 +50,7 @@ async def store(s3_settings: S3Settings) -> AsyncIterator[tuple[S3ObjectStore, A
             parts_in_flight=2,
             put=signed.put,
             upload_part=signed.upload_part,
+            delete=signed.delete,
         )
         yield objects, client
 
@@ -76,6 +77,20 @@ async def test_small_object_is_one_put(store: tuple[S3ObjectStore, Any]) -> None
     head = await client.head_object(Bucket=objects.bucket, Key="kb/k/objects/small")
     assert head["ContentType"] == "text/plain"
     assert await incomplete(client, objects.bucket) == []
+
+
+async def test_signed_delete_removes_an_object_and_tolerates_a_missing_one(
+    store: tuple[S3ObjectStore, Any],
+) -> None:
+    objects, client = store
+    key = "kb/k/objects/to delete+é"
+    writer = await objects.open_writer(key, "text/plain")
+    await writer.write(b"bye")
+    await writer.complete(hashlib.sha256(b"bye").hexdigest())
+    await objects.delete(key)
+    listed = await client.list_objects_v2(Bucket=objects.bucket)
+    assert listed.get("Contents", []) == []
+    await objects.delete(key)  # already gone: still fine
 
 
 async def test_signed_put_keys_need_no_escaping_by_callers(

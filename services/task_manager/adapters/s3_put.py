@@ -1,5 +1,5 @@
-"""Single-request object PUTs, signed here (AWS Signature Version 4) and sent
-with aiohttp.
+"""Single-request object PUTs and DELETEs, signed here (AWS Signature
+Version 4) and sent with aiohttp.
 
 Most documents are smaller than one multipart part and are stored with one
 PUT, right after their last byte: that PUT is on the acknowledgement's
@@ -48,12 +48,13 @@ _ATTEMPTS = 3
 _BACKOFF_SECONDS = 0.05
 # What S3 answers when a retry may succeed (throttling, server trouble).
 _RETRYABLE = frozenset({429, 500, 502, 503, 504})
+_EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 if google_crc32c.implementation != "c":
     log.warning("google-crc32c has no compiled extension here: part checksums will be slow")
 
 
 class S3RequestFailed(Exception):
-    """S3 answered a PUT with an error status."""
+    """S3 answered a request with an error status."""
 
     def __init__(self, status: int, body: str) -> None:
         super().__init__(f"S3 answered {status}: {body[:300]}")
@@ -215,6 +216,12 @@ class SignedPut:
             raise storage_unavailable(failure) from failure
         return etag
 
+    async def delete(self, key: str) -> None:
+        """Deletes the object `key` (no error if there is none). A duplicate
+        upload's object is deleted before the answer, so this is on that
+        answer's path too."""
+        await self._request("DELETE", key, (), _EMPTY_SHA256, {})
+
     async def _put(
         self,
         key: str,
@@ -223,20 +230,33 @@ class SignedPut:
         extra: dict[str, str],
         query: str = "",
     ) -> Mapping[str, str]:
-        """One signed PUT, retried on connection failures and 5xx; the
-        answer's headers."""
+        return await self._request("PUT", key, body, payload_sha256, extra, query)
+
+    async def _request(
+        self,
+        method: str,
+        key: str,
+        body: Body,
+        payload_sha256: str,
+        extra: dict[str, str],
+        query: str = "",
+    ) -> Mapping[str, str]:
+        """One signed request, retried on connection failures and 5xx (PUT
+        and DELETE are idempotent); the answer's headers."""
         path = f"{self._prefix}/{self._bucket}/{key}"
         target = f"{self._origin}{quote(path, safe='/~')}" + (f"?{query}" if query else "")
         url = URL(target, encoded=True)
         for attempt in range(1, _ATTEMPTS + 1):
             headers = self._signer.headers(
-                "PUT", self._host, path, payload_sha256, extra, query=query
+                method, self._host, path, payload_sha256, extra, query=query
             )
             try:
                 headers["content-length"] = str(sum(len(chunk) for chunk in body))
-                async with self._session.put(url, data=_pieces(body), headers=headers) as answer:
+                async with self._session.request(
+                    method, url, data=_pieces(body) if body else None, headers=headers
+                ) as answer:
                     text = await answer.text()
-                    if answer.status == 200:
+                    if answer.status in (200, 204):
                         return answer.headers
                     failure: Exception = S3RequestFailed(answer.status, text)
                     retryable = answer.status in _RETRYABLE
@@ -245,8 +265,13 @@ class SignedPut:
             if not retryable or attempt == _ATTEMPTS:
                 raise storage_unavailable(failure) from failure
             log.info(
-                "retrying an object PUT",
-                extra={"key": key, "attempt": attempt, "error": str(failure)[:200]},
+                "retrying an object request",
+                extra={
+                    "method": method,
+                    "key": key,
+                    "attempt": attempt,
+                    "error": str(failure)[:200],
+                },
             )
             await asyncio.sleep(_BACKOFF_SECONDS * 2**attempt * random.uniform(0.5, 1.5))
         raise AssertionError("unreachable: the last attempt raises")

@@ -35,6 +35,8 @@ Body = Sequence[bytes]
 PutObject = Callable[[str, Body, str, str], Awaitable[None]]
 # Uploads one part: (key, upload id, part number, body) -> the part's ETag.
 UploadPart = Callable[[str, str, int, Body], Awaitable[str]]
+# Deletes one object: (key).
+DeleteObject = Callable[[str], Awaitable[None]]
 
 
 def storage_unavailable(exc: BaseException) -> Unavailable:
@@ -200,10 +202,11 @@ class S3ObjectStore:
         parts_in_flight: int = 2,
         put: PutObject | None = None,
         upload_part: UploadPart | None = None,
+        delete: DeleteObject | None = None,
     ) -> None:
         """`put` stores objects smaller than one part in one request (see
-        s3_put.SignedPut); `upload_part` uploads multipart parts. Without
-        them, both go through the botocore client."""
+        s3_put.SignedPut); `upload_part` uploads multipart parts; `delete`
+        deletes an object. Without them, they go through the botocore client."""
         if part_size < MIN_PART_SIZE:
             raise ValueError(f"part_size must be at least {MIN_PART_SIZE} bytes")
         self._client = client
@@ -212,6 +215,7 @@ class S3ObjectStore:
         self._parts_in_flight = max(1, parts_in_flight)
         self._put = put
         self._upload_part = upload_part
+        self._delete = delete
 
     @property
     def bucket(self) -> str:
@@ -230,6 +234,9 @@ class S3ObjectStore:
         )
 
     async def delete(self, key: str) -> None:
+        if self._delete is not None:
+            await self._delete(key)
+            return
         await _s3_call(lambda: self._client.delete_object(Bucket=self._bucket, Key=key))
 
     async def abort_stale_uploads(self, prefix: str, older_than: datetime) -> int:
