@@ -15,7 +15,10 @@ free ports (devstack), then measures on the same machine, same S3:
 4. ack latency: 100 uploads in flight at once; for each, the time from the
    client's last byte to the answer (target p99 <= 50 ms): clients paced like
    remote ones, clients flat out, and paced again while a knowledge worker
-   ingests documents (parsing and embedding on the same two cores).
+   ingests documents (parsing and embedding on the same two cores). The
+   answer waits for the object to be in S3, so each phase also measures S3
+   alone at the same moment (the baseline): one direct signed PUT of the
+   same sizes at a time, the request the Task Manager makes after a last byte.
 
     .venv/bin/python bench/upload.py [--size-mb 1024] [--concurrent 100]
 """
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -33,16 +37,17 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aioboto3
 import aiohttp
 import grpc
 from boto3.s3.transfer import TransferConfig
+from pydantic import SecretStr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -51,8 +56,11 @@ from kbmesh.knowledge.v1 import knowledge_pb2 as kn
 from kbmesh.knowledge.v1 import knowledge_pb2_grpc as kn_grpc
 from kbmesh.taskmanager.v1 import task_manager_pb2 as tm
 from kbmesh.taskmanager.v1 import task_manager_pb2_grpc as tm_grpc
+from services.common.settings import S3Settings
+from services.task_manager.adapters.s3_put import open_signed_put
 
 MIB = 1024 * 1024
+T = TypeVar("T")
 CHUNK = MIB  # client message size (Envoy also splits REST bodies into ≤ 1 MiB)
 PACED_CHUNK = 64 * 1024  # what a client on a slow link sends at a time
 BLOCK = os.urandom(64 * MIB)  # repeated: S3 does not deduplicate
@@ -300,6 +308,41 @@ async def ack_latencies(
     return [latency for latencies in per_client for latency in latencies]
 
 
+async def s3_put_latencies(stack: Stack, max_size: int, stop: asyncio.Event) -> list[float]:
+    """Seconds per direct PUT of a 16 KiB-`max_size` object (signed like the
+    Task Manager's), one at a time every 20 ms, until `stop`."""
+    settings = S3Settings(
+        endpoint_url=stack.s3.endpoint_url,
+        bucket=stack.s3.bucket,
+        access_key_id=SecretStr(stack.s3.access_key_id),
+        secret_access_key=SecretStr(stack.s3.secret_access_key),
+        region=stack.s3.region,
+    )
+    rng = random.Random(11)
+    latencies = []
+    async with open_signed_put(settings, connections=1) as signed:
+        while not stop.is_set():
+            size = rng.randint(16 * 1024, max_size)
+            body = [os.urandom(16), BLOCK[:size]]
+            sha256 = hashlib.sha256(b"".join(body)).hexdigest()
+            start = time.perf_counter()
+            await signed.put(f"bench/probe-{time.time_ns()}", body, "text/plain", sha256)
+            latencies.append(time.perf_counter() - start)
+            await asyncio.sleep(0.02)
+    return latencies
+
+
+async def with_s3_probe(stack: Stack, max_size: int, phase: Awaitable[T]) -> tuple[T, list[float]]:
+    """Runs `phase` with `s3_put_latencies` alongside; both results."""
+    stop = asyncio.Event()
+    probe = asyncio.create_task(s3_put_latencies(stack, max_size, stop))
+    try:
+        result = await phase
+    finally:
+        stop.set()
+    return result, await probe
+
+
 WORDS = [
     *("upload", "stream", "task", "worker", "lease", "credit", "chunk", "embed"),
     *("index", "search", "vector", "keyword", "tenant", "bucket", "object", "queue"),
@@ -335,11 +378,11 @@ async def keep_ingesting(stack: Stack, kb: str, stop: asyncio.Event) -> int:
 
 async def ack_while_ingesting(
     stack: Stack, closer: ExitStack, args: argparse.Namespace
-) -> tuple[list[float], float, float]:
+) -> tuple[list[float], list[float], float, float]:
     """The paced ack phase with a knowledge worker (4 tasks at once, the
     default nice 10) ingesting documents throughout. Returns the client
-    latencies, the Task Manager's CPU ms per upload and the share of a core the
-    worker used."""
+    latencies, the S3 probe's latencies, the Task Manager's CPU ms per upload
+    and the share of a core the worker used."""
     worker = closer.enter_context(
         servers.start_worker(
             redis_url=stack.redis_url,
@@ -356,15 +399,24 @@ async def ack_while_ingesting(
     tm_before, worker_before = cpu_seconds(stack.tm_pid), cpu_seconds(worker.pid)
     started = time.perf_counter()
     kb = await create_kb(stack)
-    acks = await ack_latencies(
-        stack, kb, args.concurrent, args.rounds, args.max_kb * 1024, args.client_rate_kib * 1024
+    acks, s3_alone = await with_s3_probe(
+        stack,
+        args.max_kb * 1024,
+        ack_latencies(
+            stack,
+            kb,
+            args.concurrent,
+            args.rounds,
+            args.max_kb * 1024,
+            args.client_rate_kib * 1024,
+        ),
     )
     elapsed = time.perf_counter() - started
     cpu_ms = (cpu_seconds(stack.tm_pid) - tm_before) * 1000 / len(acks)
     worker_share = (cpu_seconds(worker.pid) - worker_before) / elapsed
     stop.set()
     await feeder
-    return acks, cpu_ms, worker_share
+    return acks, s3_alone, cpu_ms, worker_share
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -417,12 +469,16 @@ async def main() -> None:
         phases = {}
         for rate in (args.client_rate_kib * 1024, 0):
             cpu_before = cpu_seconds(stack.tm_pid)
-            acks = await ack_latencies(
-                stack, kb, args.concurrent, args.rounds, args.max_kb * 1024, rate
+            acks, s3_alone = await with_s3_probe(
+                stack,
+                args.max_kb * 1024,
+                ack_latencies(stack, kb, args.concurrent, args.rounds, args.max_kb * 1024, rate),
             )
             cpu_ms = (cpu_seconds(stack.tm_pid) - cpu_before) * 1000 / len(acks)
-            phases[rate] = (acks, server_ack_ms(stack.tm_log, len(acks)), cpu_ms)
-        ingesting, ingesting_cpu_ms, worker_share = await ack_while_ingesting(stack, closer, args)
+            phases[rate] = (acks, server_ack_ms(stack.tm_log, len(acks)), s3_alone, cpu_ms)
+        ingesting, ingesting_s3, ingesting_cpu_ms, worker_share = await ack_while_ingesting(
+            stack, closer, args
+        )
         ingesting_served = server_ack_ms(stack.tm_log, len(ingesting))
     mb = size / MIB
 
@@ -448,7 +504,15 @@ async def main() -> None:
         f"  Task Manager CPU per GiB   {statistics.median(tm_cpu_per_gib):8.2f} s "
         "(user + system, all threads)"
     )
-    for rate, (acks, served, cpu_ms) in phases.items():
+
+    def s3_line(latencies: list[float]) -> None:
+        print(
+            f"  S3 alone (direct PUTs of the same sizes meanwhile): p50 "
+            f"{statistics.median(latencies) * 1000:.1f} ms, "
+            f"p99 {percentile(latencies, 99) * 1000:.1f} ms ({len(latencies)} PUTs)"
+        )
+
+    for rate, (acks, served, s3_alone, cpu_ms) in phases.items():
         pace = f"each sending {rate // 1024} KiB/s" if rate else "each sending flat out"
         print(
             f"ack latency, {args.concurrent} uploads in flight, {pace} "
@@ -463,6 +527,7 @@ async def main() -> None:
             f"  client (last byte handed to gRPC -> answer):  p50 "
             f"{statistics.median(acks) * 1000:.1f} ms, p99 {percentile(acks, 99) * 1000:.1f} ms"
         )
+        s3_line(s3_alone)
         # Less sensitive to other load on the machine than the latencies: what
         # one upload costs the Task Manager, which bounds uploads/s per core.
         print(f"  Task Manager CPU per upload: {cpu_ms:.2f} ms")
@@ -481,6 +546,7 @@ async def main() -> None:
         f"{statistics.median(ingesting) * 1000:.1f} ms, "
         f"p99 {percentile(ingesting, 99) * 1000:.1f} ms"
     )
+    s3_line(ingesting_s3)
     print(f"  Task Manager CPU per upload: {ingesting_cpu_ms:.2f} ms")
 
 
