@@ -28,20 +28,7 @@ from services.common.auth import ApiKeys
 
 
 def start(workdir: Path, closer: ExitStack) -> tuple[str, str, str]:
-    redis = closer.enter_context(
-        servers.start_redis(
-            port=servers.find_free_port(), data_dir=workdir / "redis", log_path=workdir / "r.log"
-        )
-    )
-    weed = closer.enter_context(
-        servers.start_seaweedfs(
-            ports=servers.WeedPorts.allocate(),
-            data_dir=workdir / "s3",
-            log_path=workdir / "s3.log",
-            config_dir=workdir / "s3-config",
-            bucket="kbmesh-bench",
-        )
-    )
+    redis, weed = servers.start_storage(workdir, closer)
     addresses = []
     for mode in ("api_keys", "off"):
         service = closer.enter_context(

@@ -156,20 +156,7 @@ def in_process(files: list[tuple[str, bytes]], workdir: Path) -> tuple[float, in
 async def through_kbmesh(files: list[tuple[str, bytes]], workdir: Path) -> tuple[float, int]:
     """(seconds, chunks) from the first upload to the last task SUCCEEDED."""
     with ExitStack() as closer:
-        redis = closer.enter_context(
-            servers.start_redis(
-                port=servers.find_free_port(), data_dir=workdir / "r", log_path=workdir / "r.log"
-            )
-        )
-        weed = closer.enter_context(
-            servers.start_seaweedfs(
-                ports=servers.WeedPorts.allocate(),
-                data_dir=workdir / "s3",
-                log_path=workdir / "s3.log",
-                config_dir=workdir / "s3-config",
-                bucket="kbmesh-ingest-bench",
-            )
-        )
+        redis, weed = servers.start_storage(workdir, closer, bucket="kbmesh-ingest-bench")
         task_manager = closer.enter_context(
             servers.start_service(
                 "task_manager",

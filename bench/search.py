@@ -309,23 +309,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="kbmesh-bench-") as tmp, ExitStack() as closer:
         workdir = Path(tmp)
         uri = str(workdir / "index")
-        redis = closer.enter_context(
-            servers.start_redis(
-                port=servers.find_free_port(),
-                data_dir=workdir / "redis",
-                log_path=workdir / "r.log",
-            )
-        )
-        weed = closer.enter_context(
-            servers.start_seaweedfs(
-                ports=servers.WeedPorts.allocate(),
-                data_dir=workdir / "s3",
-                log_path=workdir / "s3.log",
-                config_dir=workdir / "s3-config",
-                bucket="kbmesh-bench",
-                stop_timeout=2.0,
-            )
-        )
+        redis, weed = servers.start_storage(workdir, closer, weed_stop_timeout=2.0)
         service = closer.enter_context(
             servers.start_service(
                 "knowledge",

@@ -47,7 +47,6 @@ import aioboto3
 import aiohttp
 import grpc
 from boto3.s3.transfer import TransferConfig
-from pydantic import SecretStr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -56,7 +55,6 @@ from kbmesh.knowledge.v1 import knowledge_pb2 as kn
 from kbmesh.knowledge.v1 import knowledge_pb2_grpc as kn_grpc
 from kbmesh.taskmanager.v1 import task_manager_pb2 as tm
 from kbmesh.taskmanager.v1 import task_manager_pb2_grpc as tm_grpc
-from services.common.settings import S3Settings
 from services.task_manager.adapters.s3_put import open_signed_put
 
 MIB = 1024 * 1024
@@ -130,20 +128,7 @@ def server_ack_ms(log: Path, last: int) -> list[float]:
 
 
 def start_stack(workdir: Path, closer: ExitStack) -> Stack:
-    redis = closer.enter_context(
-        servers.start_redis(
-            port=servers.find_free_port(), data_dir=workdir / "redis", log_path=workdir / "r.log"
-        )
-    )
-    weed = closer.enter_context(
-        servers.start_seaweedfs(
-            ports=servers.WeedPorts.allocate(),
-            data_dir=workdir / "s3",
-            log_path=workdir / "s3.log",
-            config_dir=workdir / "s3-config",
-            bucket="kbmesh-bench",
-        )
-    )
+    redis, weed = servers.start_storage(workdir, closer)
     s3 = weed.s3
     task_manager = closer.enter_context(
         servers.start_service(
@@ -311,13 +296,7 @@ async def ack_latencies(
 async def s3_put_latencies(stack: Stack, max_size: int, stop: asyncio.Event) -> list[float]:
     """Seconds per direct PUT of a 16 KiB-`max_size` object (signed like the
     Task Manager's), one at a time every 20 ms, until `stop`."""
-    settings = S3Settings(
-        endpoint_url=stack.s3.endpoint_url,
-        bucket=stack.s3.bucket,
-        access_key_id=SecretStr(stack.s3.access_key_id),
-        secret_access_key=SecretStr(stack.s3.secret_access_key),
-        region=stack.s3.region,
-    )
+    settings = stack.s3.for_service()
     rng = random.Random(11)
     latencies = []
     async with open_signed_put(settings, connections=1) as signed:

@@ -42,10 +42,13 @@ import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 import grpc
 import yaml
+
+if TYPE_CHECKING:
+    from services.common.settings import S3Settings as ServiceS3Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 ENVOY_TEMPLATE = ROOT / "gateway" / "envoy.yaml"
@@ -685,6 +688,20 @@ class S3Settings:
     secret_access_key: str
     region: str = "us-east-1"
 
+    def for_service(self) -> ServiceS3Settings:
+        """The same, as the services' settings take it (secrets wrapped)."""
+        from pydantic import SecretStr
+
+        from services.common.settings import S3Settings as ServiceSettings
+
+        return ServiceSettings(
+            endpoint_url=self.endpoint_url,
+            bucket=self.bucket,
+            access_key_id=SecretStr(self.access_key_id),
+            secret_access_key=SecretStr(self.secret_access_key),
+            region=self.region,
+        )
+
     def boto3_client(self) -> Any:
         """A sync boto3 S3 client for this endpoint (path-style addressing)."""
         import boto3
@@ -899,6 +916,32 @@ def start_seaweedfs(
         cleanup_paths=weed_socket_paths(ports),
     )
     return SeaweedServer(process=proc, host=host, ports=ports, data_dir=data_dir, s3=s3)
+
+
+def start_storage(
+    workdir: Path,
+    closer: contextlib.ExitStack,
+    *,
+    bucket: str = "kbmesh-bench",
+    weed_stop_timeout: float = WEED_STOP_TIMEOUT,
+) -> tuple[RedisServer, SeaweedServer]:
+    """A Redis and a SeaweedFS with `bucket`, on free ports, their data and
+    logs under `workdir`, stopped when `closer` closes (what every benchmark
+    starts first)."""
+    redis = closer.enter_context(
+        start_redis(port=find_free_port(), data_dir=workdir / "redis", log_path=workdir / "r.log")
+    )
+    weed = closer.enter_context(
+        start_seaweedfs(
+            ports=WeedPorts.allocate(),
+            data_dir=workdir / "s3",
+            log_path=workdir / "s3.log",
+            config_dir=workdir / "s3-config",
+            bucket=bucket,
+            stop_timeout=weed_stop_timeout,
+        )
+    )
+    return redis, weed
 
 
 def _weed_s3_identities(access_key_id: str, secret_access_key: str) -> str:

@@ -8,10 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import SecretStr
 
 from services.common.connections import open_s3
-from services.common.settings import S3Settings
 from services.knowledge.ingest.embedding import shared_minilm
 from services.knowledge.ingest.pipeline import IngestHandler
 from services.knowledge.settings import IngestSettings
@@ -27,13 +25,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 async def s3(new_bucket: BucketFactory) -> AsyncIterator[tuple[Any, str]]:
     bucket = new_bucket()
-    settings = S3Settings(
-        endpoint_url=bucket.endpoint_url,
-        bucket=bucket.bucket,
-        access_key_id=SecretStr(bucket.access_key_id),
-        secret_access_key=SecretStr(bucket.secret_access_key),
-        region=bucket.region,
-    )
+    settings = bucket.for_service()
     async with open_s3(settings) as client:
         yield client, bucket.bucket
 

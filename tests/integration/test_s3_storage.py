@@ -28,14 +28,7 @@ MIB = 1024 * 1024
 
 @pytest.fixture
 def s3_settings(new_bucket: BucketFactory) -> S3Settings:
-    bucket = new_bucket()
-    return S3Settings(
-        endpoint_url=bucket.endpoint_url,
-        bucket=bucket.bucket,
-        access_key_id=SecretStr(bucket.access_key_id),
-        secret_access_key=SecretStr(bucket.secret_access_key),
-        region=bucket.region,
-    )
+    return new_bucket().for_service()
 
 
 @pytest.fixture

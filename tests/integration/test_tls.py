@@ -41,7 +41,6 @@ from services.common.settings import (
     AuthSettings,
     GrpcSettings,
     RedisSettings,
-    S3Settings,
     TlsClientSettings,
 )
 from services.common.tls import open_channel
@@ -154,13 +153,7 @@ async def task_manager(
             shutdown_grace_seconds=0.5,
         ),
         redis=RedisSettings(url=SecretStr(redis_server.url)),
-        s3=S3Settings(
-            endpoint_url=s3.endpoint_url,
-            bucket=s3.bucket,
-            region=s3.region,
-            access_key_id=SecretStr(s3.access_key_id),
-            secret_access_key=SecretStr(s3.secret_access_key),
-        ),
+        s3=s3.for_service(),
         auth=AuthSettings(mode="off"),
         dispatch=DispatchSettings(worker_tokens=(DEV_WORKER_TOKEN,)),  # type: ignore[arg-type]
     )
@@ -332,13 +325,7 @@ async def test_mtls_for_workers_only_on_a_port_of_their_own(
             shutdown_grace_seconds=0.5,
         ),
         redis=RedisSettings(url=SecretStr(redis_server.url)),
-        s3=S3Settings(
-            endpoint_url=s3.endpoint_url,
-            bucket=s3.bucket,
-            region=s3.region,
-            access_key_id=SecretStr(s3.access_key_id),
-            secret_access_key=SecretStr(s3.secret_access_key),
-        ),
+        s3=s3.for_service(),
         auth=AuthSettings(mode="off"),
         dispatch=DispatchSettings(
             worker_tokens=(DEV_WORKER_TOKEN,),  # type: ignore[arg-type]
