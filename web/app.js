@@ -350,7 +350,10 @@ function pumpUploads() {
 }
 
 function uploadFile(kbId, file, row, finished) {
-  const url = `${API}/knowledge-bases/${encodeURIComponent(kbId)}/documents:upload?filename=${encodeURIComponent(file.name)}`;
+  // The declared size is checked against the bytes received, and lets the
+  // Task Manager stream a file of up to one part into S3 while it arrives.
+  const url = `${API}/knowledge-bases/${encodeURIComponent(kbId)}/documents:upload` +
+    `?filename=${encodeURIComponent(file.name)}&declared_size_bytes=${file.size}`;
   const xhr = new XMLHttpRequest();
   xhr.open("POST", url);
   for (const [k, v] of Object.entries(authHeaders())) xhr.setRequestHeader(k, v);

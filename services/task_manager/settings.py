@@ -35,6 +35,11 @@ class UploadSettings(BaseModel):
     # upload is about part_bytes * (parts_in_flight + 1)).
     part_bytes: int = Field(default=8 * 1024**2, ge=5 * 1024**2)
     parts_in_flight: int = Field(default=2, ge=1, le=16)
+    # Uploads with a declared size of at most one part whose PUT runs while
+    # their bytes arrive, at once; each holds one S3 connection for the whole
+    # upload. Past it, such uploads are PUT in one request after the last
+    # byte, like uploads of undeclared size. 0: never streamed.
+    streamed_puts: int = Field(default=256, ge=0, le=4096)
     # How long an upload's idempotency key (request_id) is remembered, in seconds.
     request_id_ttl_seconds: int = Field(default=86_400, ge=60)
     # Per-tenant quotas (RESOURCE_EXHAUSTED with a TENANT_* reason); 0: unlimited.

@@ -44,6 +44,7 @@ async def store(s3_settings: S3Settings) -> AsyncIterator[tuple[S3ObjectStore, A
             put=signed.put,
             upload_part=signed.upload_part,
             delete=signed.delete,
+            stream=signed.stream,
         )
         yield objects, client
 
@@ -108,6 +109,116 @@ async def test_s3_refuses_a_body_that_does_not_match_its_signed_sha256(
     assert caught.value.reason == "STORAGE_UNAVAILABLE"
     listed = await client.list_objects_v2(Bucket=objects.bucket)
     assert listed.get("Contents", []) == []
+
+
+async def keys(client: Any, bucket: str) -> list[str]:
+    listed = await client.list_objects_v2(Bucket=bucket)
+    return [item["Key"] for item in listed.get("Contents", [])]
+
+
+async def test_declared_size_is_streamed_in_one_request_while_written(
+    s3_settings: S3Settings,
+) -> None:
+    """With a declared size the PUT starts at open_writer and carries each
+    write as it comes; no whole-object PUT is made."""
+    whole_puts = []
+    async with open_s3(s3_settings) as client, open_signed_put(s3_settings) as signed:
+
+        async def put(*args: Any) -> None:
+            whole_puts.append(args[0])
+            await signed.put(*args)
+
+        objects = S3ObjectStore(
+            client, s3_settings.bucket, part_size=5 * MIB, put=put, stream=signed.stream
+        )
+        data = os.urandom(600_000)
+        key = "kb/k/objects/streamed"
+        writer = await objects.open_writer(key, "application/pdf", len(data))
+        for start in range(0, len(data), 64 * 1024):
+            await writer.write(data[start : start + 64 * 1024])
+        await writer.complete(hashlib.sha256(data).hexdigest())
+        assert await read(client, objects.bucket, key) == data
+        head = await client.head_object(Bucket=objects.bucket, Key=key)
+        assert head["ContentType"] == "application/pdf"
+        assert head["ContentLength"] == len(data)
+        assert whole_puts == []
+        assert objects.streams == 0  # the slot is free again
+
+
+async def test_streamed_puts_past_the_limit_are_one_put_after_the_last_byte(
+    s3_settings: S3Settings,
+) -> None:
+    """Each streamed PUT holds a connection until its last byte; past
+    max_streams an upload is buffered and PUT at the end instead of waiting."""
+    async with open_s3(s3_settings) as client, open_signed_put(s3_settings) as signed:
+        objects = S3ObjectStore(
+            client,
+            s3_settings.bucket,
+            part_size=5 * MIB,
+            put=signed.put,
+            stream=signed.stream,
+            max_streams=1,
+        )
+        first = await objects.open_writer("kb/k/objects/1", "text/plain", 3)
+        second = await objects.open_writer("kb/k/objects/2", "text/plain", 3)
+        assert objects.streams == 1
+        for writer in (first, second):
+            await writer.write(b"abc")
+            await writer.complete(hashlib.sha256(b"abc").hexdigest())
+        assert objects.streams == 0
+        third = await objects.open_writer("kb/k/objects/3", "text/plain", 3)
+        assert objects.streams == 1  # free again after the first finished
+        await third.abort()
+        assert objects.streams == 0
+        assert sorted(await keys(client, objects.bucket)) == ["kb/k/objects/1", "kb/k/objects/2"]
+
+
+async def test_a_streamed_put_cut_short_stores_nothing(
+    store: tuple[S3ObjectStore, Any],
+) -> None:
+    objects, client = store
+    writer = await objects.open_writer("kb/k/objects/short", "text/plain", 1000)
+    await writer.write(b"x" * 600)
+    await writer.abort()
+    await writer.abort()  # twice is fine
+    assert await keys(client, objects.bucket) == []
+
+
+async def test_s3_refuses_a_streamed_put_whose_crc32c_does_not_match(
+    s3_settings: S3Settings,
+) -> None:
+    async with open_s3(s3_settings) as client, open_signed_put(s3_settings) as signed:
+        streamed = signed.stream("kb/k/objects/corrupt", 5, "text/plain")
+        streamed.send(b"hello")
+        streamed._crc ^= 1  # as if a byte had changed on the way
+        with pytest.raises(Unavailable) as caught:
+            await streamed.finish()
+        assert caught.value.reason == "STORAGE_UNAVAILABLE"
+        assert await keys(client, s3_settings.bucket) == []
+        with pytest.raises(ValueError, match="size up front"):
+            signed.stream("k", 0, "text/plain")
+
+
+async def test_a_failed_streamed_put_is_stored_again_in_one_request(
+    s3_settings: S3Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """If S3 does not take the streamed PUT, complete() PUTs the kept bytes."""
+    async with open_s3(s3_settings) as client, open_signed_put(s3_settings) as signed:
+
+        def corrupted(key: str, size: int, content_type: str) -> s3_put.StreamedPut:
+            streamed = signed.stream(key, size, content_type)
+            streamed._crc ^= 1
+            return streamed
+
+        objects = S3ObjectStore(
+            client, s3_settings.bucket, part_size=5 * MIB, put=signed.put, stream=corrupted
+        )
+        writer = await objects.open_writer("kb/k/objects/again", "text/plain", 11)
+        await writer.write(b"hello ")
+        await writer.write(b"world")
+        await writer.complete(hashlib.sha256(b"hello world").hexdigest())
+        assert await read(client, objects.bucket, "kb/k/objects/again") == b"hello world"
+    assert "a streamed PUT failed" in caplog.text
 
 
 async def test_signed_put_with_wrong_credentials_is_unavailable(s3_settings: S3Settings) -> None:

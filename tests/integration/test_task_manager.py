@@ -235,6 +235,21 @@ async def test_checksum_mismatch_is_data_loss_and_leaves_nothing(
     ]
 
 
+async def cut_off(
+    tasks: tm_grpc.TaskManagerServiceAsyncStub,
+    messages: AsyncIterator[tm.UploadRequest],
+    sent: asyncio.Event,
+) -> None:
+    """Starts an Upload of `messages` and, once `sent` is set and the bytes
+    had a moment to arrive, goes away as a killed client would."""
+    call = tasks.Upload(messages)
+    await sent.wait()
+    await asyncio.sleep(0.5)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+
+
 async def test_client_gone_mid_upload_leaves_no_task_and_no_object(
     stack: Stack, tasks: tm_grpc.TaskManagerServiceAsyncStub, kb: str
 ) -> None:
@@ -248,12 +263,7 @@ async def test_client_gone_mid_upload_leaves_no_task_and_no_object(
                 sent.set()
         await asyncio.Event().wait()
 
-    call = tasks.Upload(endless())
-    await sent.wait()
-    await asyncio.sleep(0.5)
-    call.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await call
+    await cut_off(tasks, endless(), sent)
     for _ in range(50):  # the server notices and aborts asynchronously
         if not [
             u
@@ -267,6 +277,65 @@ async def test_client_gone_mid_upload_leaves_no_task_and_no_object(
         for u in incomplete_uploads(stack)
         if u["Key"].startswith(object_prefix(DEFAULT_TENANT, kb))
     ]
+    assert not [k for k in bucket_keys(stack) if k.startswith(object_prefix(DEFAULT_TENANT, kb))]
+    listed = await tasks.ListTasks(tm.ListTasksRequest(knowledge_base_id=kb))
+    assert list(listed.tasks) == []
+
+
+async def test_declared_size_upload_is_streamed_and_stored_intact(
+    stack: Stack, tasks: tm_grpc.TaskManagerServiceAsyncStub, kb: str
+) -> None:
+    """A declared size of at most one part: the object's PUT starts with the
+    first bytes (s3_put.StreamedPut) and the stored object is the bytes sent."""
+    data = os.urandom(700 * 1024)
+    answer = await upload(
+        tasks,
+        data,
+        chunk_size=64 * 1024,
+        knowledge_base_id=kb,
+        filename="streamed.pdf",
+        declared_size_bytes=len(data),
+    )
+    assert answer.task.size_bytes == len(data)
+    assert answer.task.sha256 == hashlib.sha256(data).hexdigest()
+    keys = [k for k in bucket_keys(stack) if k.startswith(object_prefix(DEFAULT_TENANT, kb))]
+    stored = stack.s3.boto3_client().get_object(Bucket=stack.s3_bucket, Key=keys[0])
+    assert stored["Body"].read() == data
+    assert stored["ContentType"] == "application/pdf"
+
+
+@pytest.mark.parametrize("sent", ["all, wrong sha256", "half, then gone"])
+async def test_streamed_upload_that_fails_leaves_nothing(
+    stack: Stack, tasks: tm_grpc.TaskManagerServiceAsyncStub, kb: str, sent: str
+) -> None:
+    """The streamed PUT is dropped before its trailer: S3 keeps nothing."""
+    data = os.urandom(512 * 1024)
+    if sent == "all, wrong sha256":
+        err = await rejected(
+            tasks,
+            upload_messages(
+                data,
+                chunk_size=64 * 1024,
+                knowledge_base_id=kb,
+                filename="a.bin",
+                declared_size_bytes=len(data),
+                sha256="0" * 64,
+            ),
+        )
+        assert err.code() == grpc.StatusCode.DATA_LOSS
+    else:
+        half_sent = asyncio.Event()
+
+        async def half() -> AsyncIterator[tm.UploadRequest]:
+            yield tm.UploadRequest(
+                knowledge_base_id=kb, filename="cut.bin", declared_size_bytes=len(data)
+            )
+            yield tm.UploadRequest(file={"data": data[: len(data) // 2]})
+            half_sent.set()
+            await asyncio.Event().wait()
+
+        await cut_off(tasks, half(), half_sent)
+        await asyncio.sleep(0.5)  # the server notices and aborts asynchronously
     assert not [k for k in bucket_keys(stack) if k.startswith(object_prefix(DEFAULT_TENANT, kb))]
     listed = await tasks.ListTasks(tm.ListTasksRequest(knowledge_base_id=kb))
     assert list(listed.tasks) == []

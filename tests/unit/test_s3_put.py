@@ -5,7 +5,12 @@ from __future__ import annotations
 import os
 from datetime import UTC, datetime
 
-from services.task_manager.adapters.s3_put import SigV4Signer, _pieces, crc32c
+from services.task_manager.adapters.s3_put import (
+    SigV4Signer,
+    _pieces,
+    aws_chunked_length,
+    crc32c,
+)
 from services.task_manager.adapters.s3_storage import Body, S3ObjectWriter
 
 MIB = 1024 * 1024
@@ -77,3 +82,12 @@ async def test_parts_are_the_received_chunks_with_only_straddlers_split() -> Non
     assert client.completed["MultipartUpload"] == {
         "Parts": [{"PartNumber": n, "ETag": f'"etag-{n}"'} for n in (1, 2, 3)]
     }
+
+
+def test_aws_chunked_length_counts_the_framing_and_the_trailer() -> None:
+    """The Content-Length a StreamedPut announces: one chunk with all the
+    bytes, the empty last chunk, the CRC32C trailer (8 base64 characters)."""
+    wire = b"5\r\nhello\r\n0\r\nx-amz-checksum-crc32c:mnG7TA==\r\n\r\n"
+    assert aws_chunked_length(5) == len(wire)
+    size = 3 * 1024 * 1024 + 7  # more hex digits in the chunk header
+    assert aws_chunked_length(size) == len(f"{size:x}\r\n") + size + len(wire) - 3 - 5

@@ -21,6 +21,7 @@ KB = "kb-1"
 class MemoryWriter:
     def __init__(self, store: MemoryObjects, key: str) -> None:
         self.store, self.key, self.data, self.aborted = store, key, bytearray(), False
+        self.declared_size = 0
 
     async def write(self, data: bytes) -> None:
         self.data += data
@@ -39,8 +40,9 @@ class MemoryObjects:
         self.objects: dict[str, bytes] = {}
         self.writers: list[MemoryWriter] = []
 
-    async def open_writer(self, key: str, content_type: str) -> MemoryWriter:
+    async def open_writer(self, key: str, content_type: str, size: int = 0) -> MemoryWriter:
         writer = MemoryWriter(self, key)
+        writer.declared_size = size
         self.writers.append(writer)
         return writer
 
@@ -224,6 +226,11 @@ async def test_size_mismatch_keeps_nothing(
         )
     assert caught.value.reason == "SIZE_MISMATCH"
     assert_nothing_kept(objects, tasks)
+    # The store was told the declared size (it may stream on that basis) and
+    # never given more bytes than that.
+    assert objects.writers[0].declared_size == declared
+    assert len(objects.writers[0].data) <= declared
+    assert objects.writers[0].aborted
 
 
 async def test_checksum_mismatch_is_data_loss(tasks: MemoryTasks, objects: MemoryObjects) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -223,6 +224,46 @@ class SignedPut:
         answer's path too."""
         await self._request("DELETE", key, (), _EMPTY_SHA256, {})
 
+    def stream(self, key: str, size: int, content_type: str) -> StreamedPut:
+        """Starts storing `size` bytes under `key`, sent as they are given
+        (`StreamedPut.send`) rather than all at once after the last one."""
+        return StreamedPut(self, key, size, content_type)
+
+    def _target(self, key: str, query: str = "") -> tuple[str, URL]:
+        """The object's path (as signed) and URL."""
+        path = f"{self._prefix}/{self._bucket}/{key}"
+        target = f"{self._origin}{quote(path, safe='/~')}" + (f"?{query}" if query else "")
+        return path, URL(target, encoded=True)
+
+    async def _put_streamed(
+        self, key: str, size: int, content_type: str, body: AsyncIterator[bytes]
+    ) -> None:
+        """One PUT of an aws-chunked `body` (see StreamedPut); not retried,
+        since its bytes are gone once sent."""
+        path, url = self._target(key)
+        headers = self._signer.headers(
+            "PUT",
+            self._host,
+            path,
+            _STREAMING_TRAILER,
+            {
+                "content-encoding": "aws-chunked",
+                "content-type": content_type,
+                "x-amz-decoded-content-length": str(size),
+                "x-amz-trailer": _CRC32C_HEADER,
+            },
+        )
+        headers["content-length"] = str(aws_chunked_length(size))
+        try:
+            async with self._session.put(url, data=body, headers=headers) as answer:
+                text = await answer.text()
+                if answer.status == 200:
+                    return
+                failure: Exception = S3RequestFailed(answer.status, text)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            failure = exc
+        raise storage_unavailable(failure) from failure
+
     async def _request(
         self,
         method: str,
@@ -234,9 +275,7 @@ class SignedPut:
     ) -> Mapping[str, str]:
         """One signed request, retried on connection failures and 5xx (PUT
         and DELETE are idempotent); the answer's headers."""
-        path = f"{self._prefix}/{self._bucket}/{key}"
-        target = f"{self._origin}{quote(path, safe='/~')}" + (f"?{query}" if query else "")
-        url = URL(target, encoded=True)
+        path, url = self._target(key, query)
         length = str(sum(len(chunk) for chunk in body))
         for attempt in range(1, _ATTEMPTS + 1):
             headers = self._signer.headers(
@@ -267,6 +306,81 @@ class SignedPut:
             )
             await asyncio.sleep(_BACKOFF_SECONDS * 2**attempt * random.uniform(0.5, 1.5))
         raise AssertionError("unreachable: the last attempt raises")
+
+
+# An unsigned payload sent in aws-chunked encoding, with trailing headers.
+_STREAMING_TRAILER = "STREAMING-UNSIGNED-PAYLOAD-TRAILER"
+_CRC32C_HEADER = "x-amz-checksum-crc32c"
+_CRC32C_B64_CHARS = 8  # base64 of 4 bytes
+
+
+def aws_chunked_length(size: int) -> int:
+    """Bytes on the wire for `size` bytes sent as StreamedPut sends them: one
+    aws-chunk holding them all, the empty last chunk, then the CRC32C trailer."""
+    return (
+        len(f"{size:x}\r\n")
+        + size
+        + len("\r\n0\r\n")
+        + len(f"{_CRC32C_HEADER}:") + _CRC32C_B64_CHARS + len("\r\n\r\n")
+    )  # fmt: skip
+
+
+class StreamedPut:
+    """A PUT whose bytes go out while they arrive, for objects whose size is
+    known up front (a declared size).
+
+    After the last byte S3 then has only that byte's piece and its own commit
+    left, instead of receiving, hashing and storing the whole object: for
+    3-6 MiB documents arriving at 2 MiB/s, S3's time after the last byte fell
+    from p50 66 / p99 170 ms to 20 / 83 ms (bench/streamed_put.py, SeaweedFS
+    on the same machine; over a network the transfer leaves that path too).
+
+    The body is aws-chunked (`STREAMING-UNSIGNED-PAYLOAD-TRAILER`): all bytes
+    in one chunk, as the AWS SDKs send unsigned trailing-checksum uploads, and
+    a trailing CRC32C of the content, which S3 verifies before it stores
+    anything (a mismatch is refused). Sending fewer bytes than declared, or
+    `abort`, drops the connection mid-body: S3 stores nothing."""
+
+    def __init__(self, signed: SignedPut, key: str, size: int, content_type: str) -> None:
+        if size <= 0:
+            raise ValueError("a streamed PUT needs its size up front")
+        self._size = size
+        self._given = 0
+        self._crc = 0
+        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._request = asyncio.create_task(
+            signed._put_streamed(key, size, content_type, self._body())
+        )
+
+    def send(self, data: bytes) -> None:
+        """Queues `data` to go out next (the caller keeps at most `size` bytes
+        in memory anyway; nothing here copies them)."""
+        if self._given + len(data) > self._size:
+            raise ValueError(f"more than the {self._size} bytes this PUT was started for")
+        self._given += len(data)
+        self._crc = google_crc32c.extend(self._crc, data)
+        self._queue.put_nowait(data)
+
+    async def finish(self) -> None:
+        """Sends the trailer and waits for S3's answer; Unavailable
+        (STORAGE_UNAVAILABLE) if the object was not stored."""
+        if self._given != self._size:
+            raise ValueError(f"{self._given} of the {self._size} bytes were given")
+        self._queue.put_nowait(None)
+        await self._request
+
+    async def abort(self) -> None:
+        """Drops the request (S3 keeps nothing); never raises."""
+        self._request.cancel()
+        with contextlib.suppress(BaseException):
+            await self._request
+
+    async def _body(self) -> AsyncIterator[bytes]:
+        yield f"{self._size:x}\r\n".encode()
+        while (data := await self._queue.get()) is not None:
+            yield data
+        checksum = base64.b64encode(int(self._crc).to_bytes(4, "big")).decode()
+        yield f"\r\n0\r\n{_CRC32C_HEADER}:{checksum}\r\n\r\n".encode()
 
 
 @asynccontextmanager

@@ -19,7 +19,7 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -37,6 +37,20 @@ PutObject = Callable[[str, Body, str, str], Awaitable[None]]
 UploadPart = Callable[[str, str, int, Body], Awaitable[str]]
 # Deletes one object: (key).
 DeleteObject = Callable[[str], Awaitable[None]]
+
+
+class ObjectStream(Protocol):
+    """An object PUT fed while the bytes arrive (s3_put.StreamedPut)."""
+
+    def send(self, data: bytes) -> None: ...
+
+    async def finish(self) -> None: ...
+
+    async def abort(self) -> None: ...
+
+
+# (key, size, content type) -> a started ObjectStream.
+StreamObject = Callable[[str, int, str], ObjectStream]
 
 
 def storage_unavailable(exc: BaseException) -> Unavailable:
@@ -65,8 +79,12 @@ class S3ObjectWriter:
         in_flight: int,
         put: PutObject | None,
         upload_part: UploadPart | None = None,
+        stream: ObjectStream | None = None,
+        on_stream_end: Callable[[], None] | None = None,
     ) -> None:
         self._client = client
+        self._stream = stream
+        self._on_stream_end = on_stream_end
         self._put = put
         self._put_part = upload_part
         self._bucket = bucket
@@ -85,6 +103,10 @@ class S3ObjectWriter:
     async def write(self, data: bytes) -> None:
         self._chunks.append(data)
         self._buffered += len(data)
+        if self._stream is not None:
+            # Kept too: if the streamed PUT fails, complete() PUTs them again.
+            self._stream.send(data)
+            return
         while self._buffered >= self._part_size:
             await self._send_part(self._take(self._part_size))
 
@@ -139,7 +161,9 @@ class S3ObjectWriter:
     async def complete(self, sha256: str) -> None:
         """Makes the object visible. `sha256` is the hex digest of all the
         bytes written; a single-request PUT sends it for S3 to verify."""
-        if self._upload_id is None and self._put is not None:
+        if self._stream is not None:
+            await self._finish_stream(sha256)
+        elif self._upload_id is None and self._put is not None:
             await self._put(self._key, self._take(self._buffered), self._content_type, sha256)
         elif self._upload_id is None:
             body = b"".join(self._take(self._buffered))
@@ -165,12 +189,39 @@ class S3ObjectWriter:
             )
         self._finished = True
 
+    def _end_stream(self) -> None:
+        """Frees the store's slot for another streamed PUT (once)."""
+        if self._on_stream_end is not None:
+            self._on_stream_end()
+            self._on_stream_end = None
+
+    async def _finish_stream(self, sha256: str) -> None:
+        assert self._stream is not None
+        try:
+            try:
+                await self._stream.finish()
+                return
+            finally:
+                self._end_stream()
+        except Unavailable:
+            if self._put is None:
+                raise
+            log.warning(
+                "a streamed PUT failed; storing the object again in one request",
+                extra={"key": self._key},
+                exc_info=True,
+            )
+        await self._put(self._key, self._take(self._buffered), self._content_type, sha256)
+
     async def abort(self) -> None:
         """Cancels part uploads and the multipart upload; never raises."""
         if self._finished:
             return
         self._finished = True
         self._chunks, self._buffered = deque(), 0
+        if self._stream is not None:
+            await self._stream.abort()
+            self._end_stream()
         for task in self._pending:
             task.cancel()
         for task in self._pending:
@@ -203,10 +254,16 @@ class S3ObjectStore:
         put: PutObject | None = None,
         upload_part: UploadPart | None = None,
         delete: DeleteObject | None = None,
+        stream: StreamObject | None = None,
+        max_streams: int = 256,
     ) -> None:
         """`put` stores objects smaller than one part in one request (see
         s3_put.SignedPut); `upload_part` uploads multipart parts; `delete`
-        deletes an object. Without them, they go through the botocore client."""
+        deletes an object. Without them, they go through the botocore client.
+        `stream` sends an object of a declared size of at most one part while
+        its bytes arrive (s3_put.StreamedPut), for at most `max_streams`
+        objects at once: each holds an S3 connection until its last byte, and
+        one waiting for a connection would wait for other uploads to end."""
         if part_size < MIN_PART_SIZE:
             raise ValueError(f"part_size must be at least {MIN_PART_SIZE} bytes")
         self._client = client
@@ -216,12 +273,23 @@ class S3ObjectStore:
         self._put = put
         self._upload_part = upload_part
         self._delete = delete
+        self._stream = stream
+        self._max_streams = max_streams
+        self._streams = 0
 
     @property
     def bucket(self) -> str:
         return self._bucket
 
-    async def open_writer(self, key: str, content_type: str) -> S3ObjectWriter:
+    async def open_writer(self, key: str, content_type: str, size: int = 0) -> S3ObjectWriter:
+        streamed = None
+        if (
+            self._stream is not None
+            and 0 < size <= self._part_size
+            and self._streams < self._max_streams
+        ):
+            streamed = self._stream(key, size, content_type)
+            self._streams += 1
         return S3ObjectWriter(
             self._client,
             self._bucket,
@@ -231,7 +299,17 @@ class S3ObjectStore:
             self._parts_in_flight,
             self._put,
             self._upload_part,
+            streamed,
+            self._stream_ended if streamed is not None else None,
         )
+
+    def _stream_ended(self) -> None:
+        self._streams -= 1
+
+    @property
+    def streams(self) -> int:
+        """Streamed PUTs open now."""
+        return self._streams
 
     async def delete(self, key: str) -> None:
         if self._delete is not None:

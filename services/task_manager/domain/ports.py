@@ -32,8 +32,10 @@ class ObjectStore(Protocol):
     @property
     def bucket(self) -> str: ...
 
-    async def open_writer(self, key: str, content_type: str) -> ObjectWriter:
-        """Starts a new object at `key` (bounded memory whatever its size)."""
+    async def open_writer(self, key: str, content_type: str, size: int = 0) -> ObjectWriter:
+        """Starts a new object at `key` (bounded memory whatever its size).
+        `size` is the declared size, 0 if unknown: with it a store may start
+        sending before the last byte (the writer still fails if fewer come)."""
 
     async def delete(self, key: str) -> None:
         """Removes an object; no error if it does not exist."""

@@ -323,7 +323,7 @@ class Uploads:
         perf_counter time the last byte arrived)."""
         limit = self._limits.max_upload_bytes
         declared = header.declared_size_bytes
-        writer = await self._objects.open_writer(key, content_type)
+        writer = await self._objects.open_writer(key, content_type, declared)
         try:
             digest = hashlib.sha256()
             size = 0
