@@ -13,12 +13,18 @@ free ports (devstack), then measures on the same machine, same S3:
    SeaweedFS serves all and its speed drifts as its volumes fill; the ratios
    are those of the medians;
 4. ack latency: 100 uploads in flight at once; for each, the time from the
-   client's last byte to the answer (target p99 <= 50 ms): clients paced like
+   client's last byte to the answer (target p99 <= 50 ms), each upload
+   declaring its size as the SDK does: clients paced like
    remote ones, clients flat out, and paced again while a knowledge worker
    ingests documents (parsing and embedding on the same two cores). The
    answer waits for the object to be in S3, so each phase also measures S3
    alone at the same moment (the baseline): one direct signed PUT of the
    same sizes at a time, the request the Task Manager makes after a last byte.
+   Per phase it also prints, per upload, the CPU the Task Manager and
+   SeaweedFS used and how long their threads waited for a CPU (run queue,
+   /proc schedstat): on two shared cores that wait is a large part of the
+   tail. A fixed CPU-bound loop is timed at the start and before the ack
+   phases, since the host's own speed varies between runs.
 
     .venv/bin/python bench/upload.py [--size-mb 1024] [--concurrent 100]
 """
@@ -109,12 +115,65 @@ class Stack:
     envoy_url: str
     redis_url: str
     workdir: Path
+    s3_pid: int
 
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time the process has used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def scheduler_seconds(pid: int) -> tuple[float, float]:
+    """(on a CPU, runnable but waiting for one) seconds so far, summed over the
+    process's threads (/proc schedstat). The wait is what contention costs:
+    time a thread was ready to run while other work held both cores."""
+    running = waiting = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            on_cpu, queued, _ = (int(v) for v in (task / "schedstat").read_text().split())
+        except (OSError, ValueError):
+            continue  # the thread ended meanwhile
+        running += on_cpu
+        waiting += queued
+    return running / 1e9, waiting / 1e9
+
+
+class PerUpload:
+    """CPU and run-queue wait over a phase: the Task Manager's per upload,
+    SeaweedFS's per PUT (the uploads' and the S3-alone probe's)."""
+
+    def __init__(self, stack: Stack) -> None:
+        self._pids = {"Task Manager": stack.tm_pid, "S3 (SeaweedFS)": stack.s3_pid}
+        self._before = {name: scheduler_seconds(pid) for name, pid in self._pids.items()}
+        self.lines: list[str] = []
+
+    def finish(self, uploads: int, probe_puts: int) -> None:
+        counts = {
+            "Task Manager": (uploads, "upload"),
+            "S3 (SeaweedFS)": (uploads + probe_puts, "PUT"),
+        }
+        for name, pid in self._pids.items():
+            (run0, wait0), (run1, wait1) = self._before[name], scheduler_seconds(pid)
+            n, unit = counts[name]
+            self.lines.append(
+                f"  {name} per {unit}: {(run1 - run0) * 1000 / n:.2f} ms on a CPU, "
+                f"{(wait1 - wait0) * 1000 / n:.2f} ms waiting for one"
+            )
+
+
+def host_speed_ms() -> float:
+    """Milliseconds a fixed pure-Python loop takes (best of 5): the same work
+    takes longer when the host's cores are slower or shared (other VMs), which
+    moves every latency in this bench."""
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        total = 0
+        for i in range(300_000):
+            total += i * i
+        best = min(best, time.perf_counter() - start)
+    return best * 1000
 
 
 def server_ack_ms(log: Path, last: int) -> list[float]:
@@ -173,6 +232,7 @@ def start_stack(workdir: Path, closer: ExitStack) -> Stack:
         envoy.http_url,
         redis.url,
         workdir,
+        weed.pid,
     )
 
 
@@ -267,7 +327,12 @@ async def ack_latencies(
 
             async def messages() -> AsyncIterator[tm.UploadRequest]:
                 nonlocal last_byte
-                yield tm.UploadRequest(knowledge_base_id=kb, filename=name)
+                # The size is declared, as the SDK does for every file it
+                # sends (objects up to one part then stream into S3 as they
+                # arrive: s3_put.StreamedPut).
+                yield tm.UploadRequest(
+                    knowledge_base_id=kb, filename=name, declared_size_bytes=16 + size
+                )
                 # Unique bytes first: uploads of the same size would otherwise
                 # be identical, and duplicates are answered differently.
                 yield tm.UploadRequest(file={"data": os.urandom(16)})
@@ -357,7 +422,7 @@ async def keep_ingesting(stack: Stack, kb: str, stop: asyncio.Event) -> int:
 
 async def ack_while_ingesting(
     stack: Stack, closer: ExitStack, args: argparse.Namespace
-) -> tuple[list[float], list[float], float, float]:
+) -> tuple[list[float], list[float], PerUpload, float]:
     """The paced ack phase with a knowledge worker (4 tasks at once, the
     default nice 10) ingesting documents throughout. Returns the client
     latencies, the S3 probe's latencies, the Task Manager's CPU ms per upload
@@ -375,7 +440,8 @@ async def ack_while_ingesting(
     stop = asyncio.Event()
     feeder = asyncio.create_task(keep_ingesting(stack, docs_kb, stop))
     await asyncio.sleep(5)  # the worker is busy embedding before the uploads start
-    tm_before, worker_before = cpu_seconds(stack.tm_pid), cpu_seconds(worker.pid)
+    worker_before = cpu_seconds(worker.pid)
+    per_upload = PerUpload(stack)
     started = time.perf_counter()
     kb = await create_kb(stack)
     acks, s3_alone = await with_s3_probe(
@@ -391,11 +457,11 @@ async def ack_while_ingesting(
         ),
     )
     elapsed = time.perf_counter() - started
-    cpu_ms = (cpu_seconds(stack.tm_pid) - tm_before) * 1000 / len(acks)
+    per_upload.finish(len(acks), len(s3_alone))
     worker_share = (cpu_seconds(worker.pid) - worker_before) / elapsed
     stop.set()
     await feeder
-    return acks, s3_alone, cpu_ms, worker_share
+    return acks, s3_alone, per_upload, worker_share
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -419,6 +485,7 @@ async def main() -> None:
         stack = start_stack(Path(tmp), closer)
         kb = await create_kb(stack)
         await direct_s3(stack, 16 * MIB)  # warm up connections and the volume
+        speed_at_start = host_speed_ms()
         timings: dict[str, list[float]] = {"direct": [], "tm": [], "envoy": []}
         rss_growth = 0
         tm_cpu_per_gib: list[float] = []
@@ -445,17 +512,18 @@ async def main() -> None:
         # writes back for the next tens of seconds; the latency phases should
         # not measure that disk traffic.
         os.sync()
+        speed_before_acks = host_speed_ms()
         phases = {}
         for rate in (args.client_rate_kib * 1024, 0):
-            cpu_before = cpu_seconds(stack.tm_pid)
+            per_upload = PerUpload(stack)
             acks, s3_alone = await with_s3_probe(
                 stack,
                 args.max_kb * 1024,
                 ack_latencies(stack, kb, args.concurrent, args.rounds, args.max_kb * 1024, rate),
             )
-            cpu_ms = (cpu_seconds(stack.tm_pid) - cpu_before) * 1000 / len(acks)
-            phases[rate] = (acks, server_ack_ms(stack.tm_log, len(acks)), s3_alone, cpu_ms)
-        ingesting, ingesting_s3, ingesting_cpu_ms, worker_share = await ack_while_ingesting(
+            per_upload.finish(len(acks), len(s3_alone))
+            phases[rate] = (acks, server_ack_ms(stack.tm_log, len(acks)), s3_alone, per_upload)
+        ingesting, ingesting_s3, ingesting_per_upload, worker_share = await ack_while_ingesting(
             stack, closer, args
         )
         ingesting_served = server_ack_ms(stack.tm_log, len(ingesting))
@@ -491,7 +559,12 @@ async def main() -> None:
             f"p99 {percentile(latencies, 99) * 1000:.1f} ms ({len(latencies)} PUTs)"
         )
 
-    for rate, (acks, served, s3_alone, cpu_ms) in phases.items():
+    print(
+        f"host speed: a fixed CPU-bound loop took {speed_at_start:.1f} ms at the start and "
+        f"{speed_before_acks:.1f} ms before the ack phases (the same work; higher is a slower "
+        "or busier host, and every latency below moves with it)"
+    )
+    for rate, (acks, served, s3_alone, per_upload) in phases.items():
         pace = f"each sending {rate // 1024} KiB/s" if rate else "each sending flat out"
         print(
             f"ack latency, {args.concurrent} uploads in flight, {pace} "
@@ -507,9 +580,9 @@ async def main() -> None:
             f"{statistics.median(acks) * 1000:.1f} ms, p99 {percentile(acks, 99) * 1000:.1f} ms"
         )
         s3_line(s3_alone)
-        # Less sensitive to other load on the machine than the latencies: what
-        # one upload costs the Task Manager, which bounds uploads/s per core.
-        print(f"  Task Manager CPU per upload: {cpu_ms:.2f} ms")
+        # CPU per upload bounds uploads/s per core; the wait for a CPU is the
+        # contention on this machine's two cores, which the latencies include.
+        print("\n".join(per_upload.lines))
     print(
         f"ack latency, {args.concurrent} uploads in flight, each sending "
         f"{args.client_rate_kib} KiB/s, while a worker ingests (it used "
@@ -526,7 +599,7 @@ async def main() -> None:
         f"p99 {percentile(ingesting, 99) * 1000:.1f} ms"
     )
     s3_line(ingesting_s3)
-    print(f"  Task Manager CPU per upload: {ingesting_cpu_ms:.2f} ms")
+    print("\n".join(ingesting_per_upload.lines))
 
 
 if __name__ == "__main__":
