@@ -86,10 +86,11 @@ async def build_app(settings: TaskManagerSettings) -> AsyncIterator[TaskManagerA
     async with AsyncExitStack() as stack:
         redis = await stack.enter_async_context(open_redis(settings.redis))
         s3 = await stack.enter_async_context(open_s3(settings.s3))
-        # Whole objects and parts share 64 connections; each streamed PUT
-        # holds one more for its upload's duration.
-        signed_put = await stack.enter_async_context(
-            open_signed_put(settings.s3, connections=64 + settings.uploads.streamed_puts)
+        signed_put = await stack.enter_async_context(open_signed_put(settings.s3))
+        # Each streamed PUT holds a connection for its upload's duration: its
+        # own pool, so whole objects and parts keep theirs.
+        streamed_put = await stack.enter_async_context(
+            open_signed_put(settings.s3, connections=max(1, settings.uploads.streamed_puts))
         )
         authenticator = build_authenticator(settings.auth, settings.grpc, redis)
         host = ServiceHost(
@@ -111,7 +112,7 @@ async def build_app(settings: TaskManagerSettings) -> AsyncIterator[TaskManagerA
             put=signed_put.put,
             upload_part=signed_put.upload_part,
             delete=signed_put.delete,
-            stream=signed_put.stream if limits.streamed_puts else None,
+            stream=streamed_put.stream if limits.streamed_puts else None,
             max_streams=limits.streamed_puts,
         )
         uploads = Uploads(

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from datetime import UTC, datetime
+
+import pytest
 
 from services.task_manager.adapters.s3_put import (
     SigV4Signer,
@@ -91,3 +94,36 @@ def test_aws_chunked_length_counts_the_framing_and_the_trailer() -> None:
     assert aws_chunked_length(5) == len(wire)
     size = 3 * 1024 * 1024 + 7  # more hex digits in the chunk header
     assert aws_chunked_length(size) == len(f"{size:x}\r\n") + size + len(wire) - 3 - 5
+
+
+async def test_an_upload_cancelled_while_completing_deletes_its_object() -> None:
+    """The request may reach S3 after the caller went away: abort deletes the
+    key rather than leave an object without a task."""
+    started = asyncio.Event()
+    deleted: list[str] = []
+
+    async def slow_put(key: str, body: Body, content_type: str, sha256: str) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    async def delete(key: str) -> None:
+        deleted.append(key)
+
+    writer = S3ObjectWriter(
+        None, "bucket", "key", "text/plain", 5 * MIB, 2, put=slow_put, delete=delete
+    )
+    await writer.write(b"bytes")
+    completing = asyncio.create_task(writer.complete("sha"))
+    await started.wait()
+    completing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await completing
+    await writer.abort()
+    assert deleted == ["key"]
+    # An upload aborted before completing has no object to delete.
+    early = S3ObjectWriter(
+        None, "bucket", "k2", "text/plain", 5 * MIB, 2, put=slow_put, delete=delete
+    )
+    await early.write(b"bytes")
+    await early.abort()
+    assert deleted == ["key"]

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
 import hmac
 import logging
@@ -236,7 +235,7 @@ class SignedPut:
         return path, URL(target, encoded=True)
 
     async def _put_streamed(
-        self, key: str, size: int, content_type: str, body: AsyncIterator[bytes]
+        self, key: str, size: int, content_type: str, body: AsyncIterator[bytes | memoryview]
     ) -> None:
         """One PUT of an aws-chunked `body` (see StreamedPut); not retried,
         since its bytes are gone once sent."""
@@ -370,15 +369,21 @@ class StreamedPut:
         await self._request
 
     async def abort(self) -> None:
-        """Drops the request (S3 keeps nothing); never raises."""
+        """Drops the request: before `finish`, S3 keeps nothing. Raises only
+        if the caller itself is being cancelled."""
         self._request.cancel()
-        with contextlib.suppress(BaseException):
+        try:
             await self._request
+        except BaseException:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise
 
-    async def _body(self) -> AsyncIterator[bytes]:
+    async def _body(self) -> AsyncIterator[bytes | memoryview]:
         yield f"{self._size:x}\r\n".encode()
         while (data := await self._queue.get()) is not None:
-            yield data
+            async for piece in _pieces((data,)):
+                yield piece
         checksum = base64.b64encode(int(self._crc).to_bytes(4, "big")).decode()
         yield f"\r\n0\r\n{_CRC32C_HEADER}:{checksum}\r\n\r\n".encode()
 

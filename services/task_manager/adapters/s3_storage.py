@@ -81,8 +81,11 @@ class S3ObjectWriter:
         upload_part: UploadPart | None = None,
         stream: ObjectStream | None = None,
         on_stream_end: Callable[[], None] | None = None,
+        delete: DeleteObject | None = None,
     ) -> None:
         self._client = client
+        self._delete = delete
+        self._completing = False
         self._stream = stream
         self._on_stream_end = on_stream_end
         self._put = put
@@ -161,6 +164,7 @@ class S3ObjectWriter:
     async def complete(self, sha256: str) -> None:
         """Makes the object visible. `sha256` is the hex digest of all the
         bytes written; a single-request PUT sends it for S3 to verify."""
+        self._completing = True
         if self._stream is not None:
             await self._finish_stream(sha256)
         elif self._upload_id is None and self._put is not None:
@@ -214,7 +218,9 @@ class S3ObjectWriter:
         await self._put(self._key, self._take(self._buffered), self._content_type, sha256)
 
     async def abort(self) -> None:
-        """Cancels part uploads and the multipart upload; never raises."""
+        """Cancels part uploads and the multipart upload, and deletes the
+        object if `complete` had started (its request may have reached S3 as
+        the caller went away); never raises."""
         if self._finished:
             return
         self._finished = True
@@ -237,6 +243,15 @@ class S3ObjectWriter:
                 log.warning(
                     "could not abort a multipart upload; its parts stay until aborted",
                     extra={"key": self._key, "upload_id": self._upload_id},
+                    exc_info=True,
+                )
+        if self._completing and self._delete is not None:
+            try:
+                await self._delete(self._key)
+            except Exception:
+                log.warning(
+                    "could not delete an object whose upload failed as it completed",
+                    extra={"key": self._key},
                     exc_info=True,
                 )
 
@@ -301,6 +316,7 @@ class S3ObjectStore:
             self._upload_part,
             streamed,
             self._stream_ended if streamed is not None else None,
+            self.delete,
         )
 
     def _stream_ended(self) -> None:
