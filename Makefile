@@ -76,6 +76,7 @@ $(BENCH_INSTALLED): $(INSTALLED) pyproject.toml
 
 bench: $(GENERATED) $(BENCH_INSTALLED) ## run every benchmark in bench/ (each prints ratios against its baseline)
 	@set -e; found=0; for b in bench/*.py; do \
+	  case "$$b" in bench/_*) continue;; esac; \
 	  [ -e "$$b" ] || continue; found=1; echo "== $$b"; $(PY) "$$b"; done; \
 	  [ $$found = 1 ] || echo "no benchmarks in bench/ yet"
 

@@ -42,6 +42,7 @@ from redis.asyncio import Redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench._stats import percentile
 from devstack import servers
 from services.common import redis_keys
 from services.common.ids import new_id
@@ -69,11 +70,6 @@ class Figures:
     latencies_ms: list[float]
     throughput: float
     enqueue_rate: float
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 # --- kbmesh ------------------------------------------------------------------------------------

@@ -53,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lancedb.rerankers import RRFReranker
 
+from bench._stats import percentile
 from devstack import servers
 from kbmesh.knowledge.v1 import knowledge_pb2 as kn
 from kbmesh.knowledge.v1 import knowledge_pb2_grpc as kn_grpc
@@ -117,11 +118,6 @@ WRITER = textwrap.dedent(
     asyncio.run(main())
     """
 )
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 def vocabulary(size: int, rng: np.random.Generator) -> list[str]:

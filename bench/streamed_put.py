@@ -30,12 +30,14 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench._stats import percentile
 from devstack import servers
 from services.task_manager.adapters.s3_put import SignedPut, open_signed_put
 
@@ -61,16 +63,16 @@ WORKLOADS = (
 )
 
 
-async def arriving(data: bytes, rate: int) -> list[bytes]:
-    """Waits as long as a client at `rate` takes to send `data`; its pieces."""
-    pieces = [data[i : i + PIECE] for i in range(0, len(data), PIECE)]
-    for piece in pieces:
+async def arriving(data: bytes, rate: int) -> AsyncIterator[bytes]:
+    """`data` in pieces, each when a client at `rate` would have sent it."""
+    for start in range(0, len(data), PIECE):
+        piece = data[start : start + PIECE]
         await asyncio.sleep(len(piece) / rate)
-    return pieces
+        yield piece
 
 
 async def one_put_after(signed: SignedPut, key: str, data: bytes, rate: int) -> float:
-    pieces = await arriving(data, rate)
+    pieces = [piece async for piece in arriving(data, rate)]
     last_byte = time.perf_counter()
     sha256 = hashlib.sha256(data).hexdigest()
     await signed.put(key, pieces, "application/octet-stream", sha256)
@@ -80,9 +82,7 @@ async def one_put_after(signed: SignedPut, key: str, data: bytes, rate: int) -> 
 async def streamed(signed: SignedPut, key: str, data: bytes, rate: int) -> float:
     put = signed.stream(key, len(data), "application/octet-stream")
     try:
-        for start in range(0, len(data), PIECE):
-            piece = data[start : start + PIECE]
-            await asyncio.sleep(len(piece) / rate)
+        async for piece in arriving(data, rate):
             put.send(piece)
         last_byte = time.perf_counter()
         await put.finish()
@@ -114,11 +114,6 @@ async def run(signed: SignedPut, workload: Workload, mode: str, seed: int) -> li
 
     per_client = await asyncio.gather(*(client(c) for c in range(workload.clients)))
     return [latency for latencies in per_client for latency in latencies]
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 async def main() -> None:

@@ -43,11 +43,11 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import aioboto3
 import aiohttp
@@ -56,6 +56,7 @@ from boto3.s3.transfer import TransferConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench._stats import percentile
 from devstack import servers
 from kbmesh.knowledge.v1 import knowledge_pb2 as kn
 from kbmesh.knowledge.v1 import knowledge_pb2_grpc as kn_grpc
@@ -64,7 +65,6 @@ from kbmesh.taskmanager.v1 import task_manager_pb2_grpc as tm_grpc
 from services.task_manager.adapters.s3_put import open_signed_put
 
 MIB = 1024 * 1024
-T = TypeVar("T")
 CHUNK = MIB  # client message size (Envoy also splits REST bodies into ≤ 1 MiB)
 PACED_CHUNK = 64 * 1024  # what a client on a slow link sends at a time
 BLOCK = os.urandom(64 * MIB)  # repeated: S3 does not deduplicate
@@ -376,15 +376,23 @@ async def s3_put_latencies(stack: Stack, max_size: int, stop: asyncio.Event) -> 
     return latencies
 
 
-async def with_s3_probe(stack: Stack, max_size: int, phase: Awaitable[T]) -> tuple[T, list[float]]:
-    """Runs `phase` with `s3_put_latencies` alongside; both results."""
+async def ack_phase(
+    stack: Stack, kb: str, args: argparse.Namespace, rate: int
+) -> tuple[list[float], list[float], PerUpload]:
+    """One ack phase (`ack_latencies` at `rate`, 0: flat out) with S3 alone
+    measured alongside (`s3_put_latencies`): the client latencies, S3's, and
+    the CPU and run-queue wait per upload."""
+    max_size = args.max_kb * 1024
+    per_upload = PerUpload(stack)
     stop = asyncio.Event()
     probe = asyncio.create_task(s3_put_latencies(stack, max_size, stop))
     try:
-        result = await phase
+        acks = await ack_latencies(stack, kb, args.concurrent, args.rounds, max_size, rate)
     finally:
         stop.set()
-    return result, await probe
+    s3_alone = await probe
+    per_upload.finish(len(acks), len(s3_alone))
+    return acks, s3_alone, per_upload
 
 
 WORDS = [
@@ -425,7 +433,7 @@ async def ack_while_ingesting(
 ) -> tuple[list[float], list[float], PerUpload, float]:
     """The paced ack phase with a knowledge worker (4 tasks at once, the
     default nice 10) ingesting documents throughout. Returns the client
-    latencies, the S3 probe's latencies, the Task Manager's CPU ms per upload
+    latencies, the S3 probe's latencies, the CPU and run-queue wait per upload
     and the share of a core the worker used."""
     worker = closer.enter_context(
         servers.start_worker(
@@ -441,32 +449,14 @@ async def ack_while_ingesting(
     feeder = asyncio.create_task(keep_ingesting(stack, docs_kb, stop))
     await asyncio.sleep(5)  # the worker is busy embedding before the uploads start
     worker_before = cpu_seconds(worker.pid)
-    per_upload = PerUpload(stack)
     started = time.perf_counter()
     kb = await create_kb(stack)
-    acks, s3_alone = await with_s3_probe(
-        stack,
-        args.max_kb * 1024,
-        ack_latencies(
-            stack,
-            kb,
-            args.concurrent,
-            args.rounds,
-            args.max_kb * 1024,
-            args.client_rate_kib * 1024,
-        ),
-    )
+    acks, s3_alone, per_upload = await ack_phase(stack, kb, args, args.client_rate_kib * 1024)
     elapsed = time.perf_counter() - started
-    per_upload.finish(len(acks), len(s3_alone))
     worker_share = (cpu_seconds(worker.pid) - worker_before) / elapsed
     stop.set()
     await feeder
     return acks, s3_alone, per_upload, worker_share
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 async def main() -> None:
@@ -515,13 +505,7 @@ async def main() -> None:
         speed_before_acks = host_speed_ms()
         phases = {}
         for rate in (args.client_rate_kib * 1024, 0):
-            per_upload = PerUpload(stack)
-            acks, s3_alone = await with_s3_probe(
-                stack,
-                args.max_kb * 1024,
-                ack_latencies(stack, kb, args.concurrent, args.rounds, args.max_kb * 1024, rate),
-            )
-            per_upload.finish(len(acks), len(s3_alone))
+            acks, s3_alone, per_upload = await ack_phase(stack, kb, args, rate)
             phases[rate] = (acks, server_ack_ms(stack.tm_log, len(acks)), s3_alone, per_upload)
         ingesting, ingesting_s3, ingesting_per_upload, worker_share = await ack_while_ingesting(
             stack, closer, args

@@ -56,6 +56,11 @@ async def read(client: Any, bucket: str, key: str) -> bytes:
     return data
 
 
+async def keys(client: Any, bucket: str) -> list[str]:
+    listed = await client.list_objects_v2(Bucket=bucket)
+    return [item["Key"] for item in listed.get("Contents", [])]
+
+
 async def incomplete(client: Any, bucket: str) -> list[Any]:
     answer = await client.list_multipart_uploads(Bucket=bucket)
     return list(answer.get("Uploads", []))
@@ -82,8 +87,7 @@ async def test_signed_delete_removes_an_object_and_tolerates_a_missing_one(
     await writer.write(b"bye")
     await writer.complete(hashlib.sha256(b"bye").hexdigest())
     await objects.delete(key)
-    listed = await client.list_objects_v2(Bucket=objects.bucket)
-    assert listed.get("Contents", []) == []
+    assert await keys(client, objects.bucket) == []
     await objects.delete(key)  # already gone: still fine
 
 
@@ -107,13 +111,7 @@ async def test_s3_refuses_a_body_that_does_not_match_its_signed_sha256(
     with pytest.raises(Unavailable) as caught:
         await writer.complete(hashlib.sha256(b"other bytes").hexdigest())
     assert caught.value.reason == "STORAGE_UNAVAILABLE"
-    listed = await client.list_objects_v2(Bucket=objects.bucket)
-    assert listed.get("Contents", []) == []
-
-
-async def keys(client: Any, bucket: str) -> list[str]:
-    listed = await client.list_objects_v2(Bucket=bucket)
-    return [item["Key"] for item in listed.get("Contents", [])]
+    assert await keys(client, objects.bucket) == []
 
 
 async def test_declared_size_is_streamed_in_one_request_while_written(
@@ -255,8 +253,7 @@ async def test_s3_refuses_a_part_that_does_not_match_its_crc32c(
     assert caught.value.reason == "STORAGE_UNAVAILABLE"
     await writer.abort()
     assert await incomplete(client, objects.bucket) == []
-    listed = await client.list_objects_v2(Bucket=objects.bucket)
-    assert listed.get("Contents", []) == []
+    assert await keys(client, objects.bucket) == []
 
 
 async def test_abort_leaves_no_object_and_no_upload(store: tuple[S3ObjectStore, Any]) -> None:
@@ -266,8 +263,7 @@ async def test_abort_leaves_no_object_and_no_upload(store: tuple[S3ObjectStore, 
     await writer.abort()
     await writer.abort()  # idempotent
     assert await incomplete(client, objects.bucket) == []
-    listed = await client.list_objects_v2(Bucket=objects.bucket)
-    assert listed.get("Contents", []) == []
+    assert await keys(client, objects.bucket) == []
 
 
 async def test_stale_multipart_uploads_left_by_a_dead_process_are_swept(

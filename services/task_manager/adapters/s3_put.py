@@ -151,6 +151,10 @@ def crc32c(body: Body) -> bytes:
     crc = 0
     for chunk in body:
         crc = google_crc32c.extend(crc, chunk)
+    return _crc_bytes(crc)
+
+
+def _crc_bytes(crc: int) -> bytes:
     return int(crc).to_bytes(4, "big")
 
 
@@ -384,7 +388,7 @@ class StreamedPut:
         while (data := await self._queue.get()) is not None:
             async for piece in _pieces((data,)):
                 yield piece
-        checksum = base64.b64encode(int(self._crc).to_bytes(4, "big")).decode()
+        checksum = base64.b64encode(_crc_bytes(self._crc)).decode()
         yield f"\r\n0\r\n{_CRC32C_HEADER}:{checksum}\r\n\r\n".encode()
 
 

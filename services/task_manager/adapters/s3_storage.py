@@ -202,11 +202,8 @@ class S3ObjectWriter:
     async def _finish_stream(self, sha256: str) -> None:
         assert self._stream is not None
         try:
-            try:
-                await self._stream.finish()
-                return
-            finally:
-                self._end_stream()
+            await self._stream.finish()
+            return
         except Unavailable:
             if self._put is None:
                 raise
@@ -215,6 +212,8 @@ class S3ObjectWriter:
                 extra={"key": self._key},
                 exc_info=True,
             )
+        finally:
+            self._end_stream()
         await self._put(self._key, self._take(self._buffered), self._content_type, sha256)
 
     async def abort(self) -> None:
