@@ -24,9 +24,12 @@ free ports (devstack), then measures on the same machine, same S3:
    SeaweedFS used and how long their threads waited for a CPU (run queue,
    /proc schedstat): on two shared cores that wait is a large part of the
    tail. A fixed CPU-bound loop is timed at the start and before the ack
-   phases, since the host's own speed varies between runs.
+   phases, since the host's own speed varies between runs. The service's
+   own figure (from its log) is split into S3 finishing the object and the
+   rest (the task record in Redis and the answer).
 
     .venv/bin/python bench/upload.py [--size-mb 1024] [--concurrent 100]
+    .venv/bin/python bench/upload.py --ack-only   # phase 4 only, about a minute
 """
 
 from __future__ import annotations
@@ -176,14 +179,18 @@ def host_speed_ms() -> float:
     return best * 1000
 
 
-def server_ack_ms(log: Path, last: int) -> list[float]:
-    """`ack_ms` of the last `last` acknowledged uploads in the Task Manager's log:
-    last byte received -> object and task durable, measured by the service."""
-    values = []
+def served(log: Path, kb: str) -> tuple[list[float], list[float]]:
+    """The uploads into knowledge base `kb` as the Task Manager logged them
+    ("upload acknowledged"): `ack_ms` (last byte received -> object and task
+    durable) and `stored_ms` (last byte received -> object complete in S3)."""
+    ack, stored = [], []
     for line in log.read_text().splitlines():
         if '"upload acknowledged"' in line:
-            values.append(float(json.loads(line)["ack_ms"]))
-    return values[-last:]
+            row = json.loads(line)
+            if row["knowledge_base_id"] == kb:
+                ack.append(float(row["ack_ms"]))
+                stored.append(float(row["stored_ms"]))
+    return ack, stored
 
 
 def start_stack(workdir: Path, closer: ExitStack) -> Stack:
@@ -376,12 +383,50 @@ async def s3_put_latencies(stack: Stack, max_size: int, stop: asyncio.Event) -> 
     return latencies
 
 
-async def ack_phase(
-    stack: Stack, kb: str, args: argparse.Namespace, rate: int
-) -> tuple[list[float], list[float], PerUpload]:
-    """One ack phase (`ack_latencies` at `rate`, 0: flat out) with S3 alone
-    measured alongside (`s3_put_latencies`): the client latencies, S3's, and
+@dataclass
+class AckPhase:
+    """What one ack phase measured."""
+
+    title: str
+    client: list[float]  # seconds, last byte handed to gRPC -> answer
+    served: list[float]  # ms, as the Task Manager logged them (`served`)
+    stored: list[float]  # ms, last byte received -> object complete in S3
+    s3_alone: list[float]  # seconds per direct PUT (`s3_put_latencies`)
+    per_upload: PerUpload
+
+    def report(self) -> None:
+        def line(label: str, values: list[float], scale: float, note: str = "") -> None:
+            print(
+                f"  {label:<46} p50 {statistics.median(values) * scale:6.1f} ms, "
+                f"p99 {percentile(values, 99) * scale:6.1f} ms{note}"
+            )
+
+        # Per upload, served = stored + the rest; percentiles do not add up.
+        own = [ack - stored for ack, stored in zip(self.served, self.stored, strict=True)]
+        print(f"{self.title} ({len(self.client)} uploads):")
+        line("service (last byte received -> task durable)", self.served, 1, TARGET)
+        line("  of it, S3 finishing the object", self.stored, 1)
+        line("  of it, the task record and the answer", own, 1)
+        line("client (last byte handed to gRPC -> answer)", self.client, 1000)
+        line(
+            "S3 alone (direct PUTs, same sizes, meanwhile)",
+            self.s3_alone,
+            1000,
+            f" ({len(self.s3_alone)} PUTs)",
+        )
+        # CPU per upload bounds uploads/s per core; the wait for a CPU is the
+        # contention on this machine's two cores, which the latencies include.
+        print("\n".join(self.per_upload.lines))
+
+
+TARGET = " (target p99 <= 50 ms)"
+
+
+async def ack_phase(stack: Stack, args: argparse.Namespace, rate: int, title: str) -> AckPhase:
+    """One ack phase (`ack_latencies` at `rate`, 0: flat out, into a new
+    knowledge base) with S3 alone measured alongside (`s3_put_latencies`) and
     the CPU and run-queue wait per upload."""
+    kb = await create_kb(stack)
     max_size = args.max_kb * 1024
     per_upload = PerUpload(stack)
     stop = asyncio.Event()
@@ -392,7 +437,8 @@ async def ack_phase(
         stop.set()
     s3_alone = await probe
     per_upload.finish(len(acks), len(s3_alone))
-    return acks, s3_alone, per_upload
+    ack_ms, stored_ms = served(stack.tm_log, kb)
+    return AckPhase(title, acks, ack_ms, stored_ms, s3_alone, per_upload)
 
 
 WORDS = [
@@ -430,11 +476,10 @@ async def keep_ingesting(stack: Stack, kb: str, stop: asyncio.Event) -> int:
 
 async def ack_while_ingesting(
     stack: Stack, closer: ExitStack, args: argparse.Namespace
-) -> tuple[list[float], list[float], PerUpload, float]:
-    """The paced ack phase with a knowledge worker (4 tasks at once, the
-    default nice 10) ingesting documents throughout. Returns the client
-    latencies, the S3 probe's latencies, the CPU and run-queue wait per upload
-    and the share of a core the worker used."""
+) -> AckPhase:
+    """The paced ack phase with a knowledge worker (4 tasks at once, at the
+    default priority: nice 19, in a session of its own) ingesting documents
+    throughout; its title says the share of a core the worker used."""
     worker = closer.enter_context(
         servers.start_worker(
             redis_url=stack.redis_url,
@@ -450,67 +495,42 @@ async def ack_while_ingesting(
     await asyncio.sleep(5)  # the worker is busy embedding before the uploads start
     worker_before = cpu_seconds(worker.pid)
     started = time.perf_counter()
-    kb = await create_kb(stack)
-    acks, s3_alone, per_upload = await ack_phase(stack, kb, args, args.client_rate_kib * 1024)
-    elapsed = time.perf_counter() - started
-    worker_share = (cpu_seconds(worker.pid) - worker_before) / elapsed
+    phase = await ack_phase(stack, args, args.client_rate_kib * 1024, "")
+    worker_share = (cpu_seconds(worker.pid) - worker_before) / (time.perf_counter() - started)
     stop.set()
     await feeder
-    return acks, s3_alone, per_upload, worker_share
-
-
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size-mb", type=int, default=1024, help="size of the big upload")
-    parser.add_argument("--repeat", type=int, default=3, help="rounds of the big uploads")
-    parser.add_argument("--concurrent", type=int, default=100, help="uploads in flight")
-    parser.add_argument("--rounds", type=int, default=5, help="uploads per concurrent client")
-    parser.add_argument("--max-kb", type=int, default=512, help="largest of those uploads")
-    parser.add_argument(
-        "--client-rate-kib", type=int, default=256, help="per-client send rate, paced phase"
+    phase.title = (
+        f"ack latency, {args.concurrent} uploads in flight, each sending "
+        f"{args.client_rate_kib} KiB/s, while a worker ingests "
+        f"(it used {worker_share * 100:.0f}% of a core)"
     )
-    args = parser.parse_args()
+    return phase
+
+
+async def throughput(stack: Stack, args: argparse.Namespace) -> None:
+    """Phases 1-3: the big upload direct, through the Task Manager and through
+    Envoy, `args.repeat` rounds in rotating order; prints the ratios."""
     size = args.size_mb * MIB
-    with tempfile.TemporaryDirectory(prefix="kbmesh-bench-") as tmp, ExitStack() as closer:
-        stack = start_stack(Path(tmp), closer)
-        kb = await create_kb(stack)
-        await direct_s3(stack, 16 * MIB)  # warm up connections and the volume
-        speed_at_start = host_speed_ms()
-        timings: dict[str, list[float]] = {"direct": [], "tm": [], "envoy": []}
-        rss_growth = 0
-        tm_cpu_per_gib: list[float] = []
-        for round_ in range(args.repeat):
-            order = ["direct", "tm", "envoy"]
-            order = order[round_ % 3 :] + order[: round_ % 3]
-            for path in order:
-                if path == "direct":
-                    timings[path].append(await direct_s3(stack, size))
-                elif path == "tm":
-                    cpu_before = cpu_seconds(stack.tm_pid)
-                    elapsed, growth = await through_task_manager(stack, kb, size)
-                    tm_cpu_per_gib.append(
-                        (cpu_seconds(stack.tm_pid) - cpu_before) * MIB * 1024 / size
-                    )
-                    timings[path].append(elapsed)
-                    rss_growth = max(rss_growth, growth)
-                else:
-                    timings[path].append(await through_envoy(stack, kb, size))
-        direct, via_tm, via_envoy = (
-            statistics.median(timings[p]) for p in ("direct", "tm", "envoy")
-        )
-        # The big uploads leave gigabytes of dirty pages that the kernel
-        # writes back for the next tens of seconds; the latency phases should
-        # not measure that disk traffic.
-        os.sync()
-        speed_before_acks = host_speed_ms()
-        phases = {}
-        for rate in (args.client_rate_kib * 1024, 0):
-            acks, s3_alone, per_upload = await ack_phase(stack, kb, args, rate)
-            phases[rate] = (acks, server_ack_ms(stack.tm_log, len(acks)), s3_alone, per_upload)
-        ingesting, ingesting_s3, ingesting_per_upload, worker_share = await ack_while_ingesting(
-            stack, closer, args
-        )
-        ingesting_served = server_ack_ms(stack.tm_log, len(ingesting))
+    kb = await create_kb(stack)
+    await direct_s3(stack, 16 * MIB)  # warm up connections and the volume
+    timings: dict[str, list[float]] = {"direct": [], "tm": [], "envoy": []}
+    rss_growth = 0
+    tm_cpu_per_gib: list[float] = []
+    for round_ in range(args.repeat):
+        order = ["direct", "tm", "envoy"]
+        order = order[round_ % 3 :] + order[: round_ % 3]
+        for path in order:
+            if path == "direct":
+                timings[path].append(await direct_s3(stack, size))
+            elif path == "tm":
+                cpu_before = cpu_seconds(stack.tm_pid)
+                elapsed, growth = await through_task_manager(stack, kb, size)
+                tm_cpu_per_gib.append((cpu_seconds(stack.tm_pid) - cpu_before) * MIB * 1024 / size)
+                timings[path].append(elapsed)
+                rss_growth = max(rss_growth, growth)
+            else:
+                timings[path].append(await through_envoy(stack, kb, size))
+    direct, via_tm, via_envoy = (statistics.median(timings[p]) for p in ("direct", "tm", "envoy"))
     mb = size / MIB
 
     def spread(path: str) -> str:
@@ -535,55 +555,46 @@ async def main() -> None:
         f"  Task Manager CPU per GiB   {statistics.median(tm_cpu_per_gib):8.2f} s "
         "(user + system, all threads)"
     )
+    # The big uploads leave gigabytes of dirty pages that the kernel writes
+    # back for the next tens of seconds; the latency phases should not
+    # measure that disk traffic.
+    os.sync()
 
-    def s3_line(latencies: list[float]) -> None:
-        print(
-            f"  S3 alone (direct PUTs of the same sizes meanwhile): p50 "
-            f"{statistics.median(latencies) * 1000:.1f} ms, "
-            f"p99 {percentile(latencies, 99) * 1000:.1f} ms ({len(latencies)} PUTs)"
-        )
 
-    print(
-        f"host speed: a fixed CPU-bound loop took {speed_at_start:.1f} ms at the start and "
-        f"{speed_before_acks:.1f} ms before the ack phases (the same work; higher is a slower "
-        "or busier host, and every latency below moves with it)"
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mb", type=int, default=1024, help="size of the big upload")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of the big uploads")
+    parser.add_argument(
+        "--ack-only", action="store_true", help="skip the big uploads: ack latency phases only"
     )
-    for rate, (acks, served, s3_alone, per_upload) in phases.items():
-        pace = f"each sending {rate // 1024} KiB/s" if rate else "each sending flat out"
+    parser.add_argument("--concurrent", type=int, default=100, help="uploads in flight")
+    parser.add_argument("--rounds", type=int, default=5, help="uploads per concurrent client")
+    parser.add_argument("--max-kb", type=int, default=512, help="largest of those uploads")
+    parser.add_argument(
+        "--client-rate-kib", type=int, default=256, help="per-client send rate, paced phase"
+    )
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="kbmesh-bench-") as tmp, ExitStack() as closer:
+        stack = start_stack(Path(tmp), closer)
+        speed_at_start = host_speed_ms()
+        if not args.ack_only:
+            await throughput(stack, args)
+        else:  # the ack phases start with warm connections either way
+            await ack_latencies(stack, await create_kb(stack), 20, 2, args.max_kb * 1024, 0)
+        speed_before_acks = host_speed_ms()
         print(
-            f"ack latency, {args.concurrent} uploads in flight, {pace} "
-            f"({len(acks)} uploads of 16-{args.max_kb} KiB):"
+            f"host speed: a fixed CPU-bound loop took {speed_at_start:.1f} ms at the start and "
+            f"{speed_before_acks:.1f} ms before the ack phases (the same work; higher is a "
+            "slower or busier host, and every latency below moves with it)",
+            flush=True,
         )
-        print(
-            f"  service (last byte received -> task durable): p50 "
-            f"{statistics.median(served):.1f} ms, p99 {percentile(served, 99):.1f} ms"
-            " (target p99 <= 50 ms)"
-        )
-        print(
-            f"  client (last byte handed to gRPC -> answer):  p50 "
-            f"{statistics.median(acks) * 1000:.1f} ms, p99 {percentile(acks, 99) * 1000:.1f} ms"
-        )
-        s3_line(s3_alone)
-        # CPU per upload bounds uploads/s per core; the wait for a CPU is the
-        # contention on this machine's two cores, which the latencies include.
-        print("\n".join(per_upload.lines))
-    print(
-        f"ack latency, {args.concurrent} uploads in flight, each sending "
-        f"{args.client_rate_kib} KiB/s, while a worker ingests (it used "
-        f"{worker_share * 100:.0f}% of a core):"
-    )
-    print(
-        f"  service (last byte received -> task durable): p50 "
-        f"{statistics.median(ingesting_served):.1f} ms, "
-        f"p99 {percentile(ingesting_served, 99):.1f} ms (target p99 <= 50 ms)"
-    )
-    print(
-        f"  client (last byte handed to gRPC -> answer):  p50 "
-        f"{statistics.median(ingesting) * 1000:.1f} ms, "
-        f"p99 {percentile(ingesting, 99) * 1000:.1f} ms"
-    )
-    s3_line(ingesting_s3)
-    print("\n".join(ingesting_per_upload.lines))
+        sizes = f"uploads of 16-{args.max_kb} KiB"
+        paced = f"each sending {args.client_rate_kib} KiB/s"
+        for rate, pace in ((args.client_rate_kib * 1024, paced), (0, "each sending flat out")):
+            title = f"ack latency, {args.concurrent} uploads in flight, {pace}, {sizes}"
+            (await ack_phase(stack, args, rate, title)).report()
+        (await ack_while_ingesting(stack, closer, args)).report()
 
 
 if __name__ == "__main__":
