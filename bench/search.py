@@ -349,6 +349,10 @@ def main() -> None:
                 (f"+ingest n{WORKER_NICE}+maint", WORKER_NICE, args.maintain_seconds),
             )
             for label, nice, every in phases:
+                # A session of its own, like the service's worker child: where
+                # the kernel shares CPUs between sessions first (autogroup), a
+                # niceness only counts against other sessions when the
+                # writer's session has it too (`lower_priority`).
                 writer = subprocess.Popen(
                     [
                         sys.executable,
@@ -362,6 +366,7 @@ def main() -> None:
                         str(every),
                     ],
                     cwd=Path(__file__).resolve().parent.parent,
+                    start_new_session=True,
                 )
                 try:
                     time.sleep(3)  # model loaded, writing

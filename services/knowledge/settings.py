@@ -46,10 +46,12 @@ class WorkerSettings(BaseModel):
     # sharing its index object (writes searchable at once; searches slow down
     # while it works).
     isolation: Literal["process", "thread"] = "process"
-    # CPU niceness a worker process adds to itself at start (0 = none): under
-    # load the kernel then gives the API process ~9x the CPU share of a nice-10
-    # worker, and the worker still uses every idle cycle.
-    nice: int = Field(default=10, ge=0, le=19)
+    # CPU niceness a worker process adds to itself at start (0 = none), and
+    # gives its session where the kernel shares CPUs between sessions first
+    # (autogroup; `worker.process.lower_priority`): under load the kernel then
+    # gives a nice-0 process ~68x the CPU share of a nice-19 worker, and the
+    # worker still uses every idle cycle (docs/ingestion.md).
+    nice: int = Field(default=19, ge=0, le=19)
     # Stable id of this worker in tasks and logs; empty: "<host>:<pid>".
     id: str = Field(default="", max_length=128)
     # Tasks run at once (credits granted to the Task Manager).

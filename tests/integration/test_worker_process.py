@@ -5,8 +5,11 @@ with the service, and gone when the service is killed."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,6 +45,16 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def autogroup_nice(pid: int) -> int:
+    """The niceness of `pid`'s session (its autogroup): "/autogroup-12 nice 19"."""
+    return int(Path(f"/proc/{pid}/autogroup").read_text().split()[-1])
+
+
+# Whether the kernel shares CPUs between sessions first (then a worker must
+# lower its session's priority, not only its own).
+AUTOGROUP = Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1"
+
+
 async def wait_for(condition: object, what: str) -> None:
     for _ in range(600):
         if condition():  # type: ignore[operator]
@@ -68,6 +81,12 @@ async def test_worker_child_is_niced_restarted_and_stopped(
         "the child's niceness",
     )
     assert os.getpriority(os.PRIO_PROCESS, service.pid) == service_nice
+    # In a session of its own, whose priority it lowered too where sessions
+    # share the CPUs first; the service's session keeps its priority.
+    assert os.getsid(child) == child != os.getsid(service.pid)
+    if AUTOGROUP:
+        await wait_for(lambda: autogroup_nice(child) == 7, "the child's session niceness")
+        assert autogroup_nice(service.pid) == 0
 
     os.kill(child, signal.SIGKILL)
     await wait_for(
@@ -92,3 +111,47 @@ async def test_worker_child_drains_when_the_service_is_killed(
     (child,) = worker_children(service.pid)
     os.kill(service.pid, signal.SIGKILL)
     await wait_for(lambda: not alive(child), "the orphaned child to exit")
+
+
+LOWER = """
+import json, os, sys
+from services.knowledge.worker.process import lower_priority
+before = os.getpriority(os.PRIO_PROCESS, 0)
+p = lower_priority(int(sys.argv[1]))
+print(json.dumps({"before": before, "nice": p.nice, "session_nice": p.session_nice,
+                  "problems": p.problems, "autogroup": open("/proc/self/autogroup").read()}))
+"""
+
+
+def lower_in_child(nice: int, *, own_session: bool) -> dict[str, object]:
+    out = subprocess.run(
+        [sys.executable, "-c", LOWER, str(nice)],
+        capture_output=True,
+        text=True,
+        check=True,
+        start_new_session=own_session,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+def test_lower_priority_lowers_a_session_the_worker_leads() -> None:
+    result = lower_in_child(5, own_session=True)
+    assert result["problems"] == []
+    assert result["nice"] == min(19, int(result["before"]) + 5)  # type: ignore[call-overload]
+    if AUTOGROUP:
+        assert result["session_nice"] == 5
+        assert str(result["autogroup"]).split()[-1] == "5"
+    else:
+        assert result["session_nice"] is None
+
+
+def test_lower_priority_leaves_a_shared_session_alone() -> None:
+    mine = autogroup_nice(os.getpid())
+    result = lower_in_child(5, own_session=False)
+    assert result["problems"] == []
+    assert result["nice"] == min(19, int(result["before"]) + 5)  # type: ignore[call-overload]
+    # Started in this process's session: it must not lower this process.
+    assert result["session_nice"] is None
+    assert str(result["autogroup"]).split()[-1] == str(mine)
+    assert autogroup_nice(os.getpid()) == mine

@@ -3,7 +3,8 @@
 Settings are the Knowledge Service's (`KBMESH_KNOWLEDGE_...`): the Task
 Manager address, `WORKER__TOKEN`, `WORKER__CONCURRENCY`, `WORKER__HANDLER`…
 (`WORKER__ENABLED` does not apply: this process is the worker). It lowers its
-own CPU priority by `WORKER__NICE` first. `--parent-pid PID` (given by a
+own CPU priority by `WORKER__NICE` first (and its session's, if it leads one:
+`process.lower_priority`). `--parent-pid PID` (given by a
 Knowledge Service that runs its worker as a child process): drain and exit once
 that process is gone. `--maintain`: also run the index maintenance passes
 (`INDEX__OPTIMIZE_INTERVAL_SECONDS`), at this process's priority.
@@ -26,8 +27,15 @@ if __name__ == "__main__":
     parser.add_argument("--maintain", action="store_true", help="also run index maintenance")
     args = parser.parse_args()
     settings = KnowledgeSettings()
-    lower_priority(settings.worker.nice)
+    priority = lower_priority(settings.worker.nice)
     configure_logging(settings.log, "knowledge-worker")
+    log = logging.getLogger("services.knowledge.worker")
+    for problem in priority.problems:
+        log.warning(problem)
+    log.info(
+        "worker CPU priority",
+        extra={"nice": priority.nice, "session_nice": priority.session_nice},
+    )
     try:
         asyncio.run(serve_worker(settings, parent_pid=args.parent_pid, maintain=args.maintain))
     except DependencyUnavailable as exc:

@@ -24,6 +24,8 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -31,16 +33,75 @@ log = logging.getLogger(__name__)
 _STABLE_SECONDS = 30.0
 
 
-def lower_priority(nice: int) -> None:
-    """Adds `nice` to this process's niceness. Linux niceness is per thread and
-    inherited by the threads a thread creates: call it first thing, before any
-    thread pool (ONNX, LanceDB, the worker's executor) exists."""
+@dataclass(frozen=True)
+class Priority:
+    """What `lower_priority` did, for the log once logging is configured."""
+
+    nice: int  # this process's niceness now
+    session_nice: int | None  # its session's autogroup niceness, if it set one
+    problems: tuple[str, ...] = ()
+
+
+_AUTOGROUP = Path("/proc/self/autogroup")
+_AUTOGROUP_ENABLED = Path("/proc/sys/kernel/sched_autogroup_enabled")
+
+
+def lower_priority(nice: int) -> Priority:
+    """Adds `nice` to this process's niceness, and gives its session the same
+    niceness where the kernel shares CPUs between sessions first.
+
+    Linux niceness is per thread and inherited by the threads a thread
+    creates: call it first thing, before any thread pool (ONNX, LanceDB, the
+    worker's executor) exists.
+
+    With autogroup on (`/proc/sys/kernel/sched_autogroup_enabled`, the
+    default of many kernels), the scheduler first shares the CPUs equally
+    between sessions and only then between the processes of a session by
+    their niceness: a nice-19 worker that leads a session of its own still
+    gets as much CPU as the Task Manager's or SeaweedFS's session, and
+    latency-sensitive services on the same host wait behind its embedding
+    (bench/upload.py measured it). So a worker that leads its session (the
+    Knowledge Service starts its child that way, as devstack and service
+    managers do) sets its session's autogroup niceness too. A worker that
+    does not (started from a terminal, in the shell's session) leaves the
+    session alone: lowering it would lower the shell and everything else in
+    it.
+    """
     if nice <= 0:
-        return
+        return Priority(os.getpriority(os.PRIO_PROCESS, 0), None)
+    problems = []
     try:
         os.nice(nice)
     except OSError as exc:
-        log.warning("could not lower the worker's CPU priority: %s", exc)
+        problems.append(f"could not lower the worker's CPU priority: {exc}")
+    session_nice = None
+    if os.getsid(0) == os.getpid() and _autogroup_enabled():
+        try:
+            session_nice = _set_autogroup_nice(nice)
+        except OSError as exc:
+            problems.append(f"could not lower the worker session's CPU priority: {exc}")
+    return Priority(os.getpriority(os.PRIO_PROCESS, 0), session_nice, tuple(problems))
+
+
+def _autogroup_enabled() -> bool:
+    try:
+        return _AUTOGROUP_ENABLED.read_text().strip() == "1"
+    except OSError:  # a kernel without autogroup
+        return False
+
+
+def _set_autogroup_nice(nice: int) -> int:
+    # The kernel takes one such change per 100 ms host-wide (EAGAIN otherwise).
+    for attempt in range(20):
+        try:
+            _AUTOGROUP.write_text(f"{nice}\n")
+            break
+        except BlockingIOError:
+            if attempt == 19:
+                raise
+            time.sleep(0.1)
+    # "/autogroup-123 nice 19"
+    return int(_AUTOGROUP.read_text().split()[-1])
 
 
 async def watch_parent(parent_pid: int, stop: asyncio.Event, every: float = 1.0) -> None:
@@ -80,8 +141,10 @@ class WorkerProcess:
         backoff = 0.5
         while not self._stopping:
             started = time.monotonic()
+            # A session of its own: the child lowers its session's CPU
+            # priority (`lower_priority`) without lowering this process's.
             self._process = await asyncio.create_subprocess_exec(
-                *self._argv, "--parent-pid", str(os.getpid())
+                *self._argv, "--parent-pid", str(os.getpid()), start_new_session=True
             )
             log.info("worker process started", extra={"pid": self._process.pid})
             code = await self._process.wait()
