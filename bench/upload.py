@@ -26,7 +26,7 @@ free ports (devstack), then measures on the same machine, same S3:
    tail. A fixed CPU-bound loop is timed at the start and before the ack
    phases, since the host's own speed varies between runs. The service's
    own figure (from its log) is split into S3 finishing the object and the
-   rest (the task record in Redis and the answer).
+   rest (the task record in Redis).
 
     .venv/bin/python bench/upload.py [--size-mb 1024] [--concurrent 100]
     .venv/bin/python bench/upload.py --ack-only   # phase 4 only, about a minute
@@ -403,10 +403,11 @@ class AckPhase:
 
         # Per upload, served = stored + the rest; percentiles do not add up.
         own = [ack - stored for ack, stored in zip(self.served, self.stored, strict=True)]
-        print(f"{self.title} ({len(self.client)} uploads):")
+        logged = "" if len(self.served) == len(self.client) else f", {len(self.served)} logged"
+        print(f"{self.title} ({len(self.client)} uploads{logged}):")
         line("service (last byte received -> task durable)", self.served, 1, TARGET)
         line("  of it, S3 finishing the object", self.stored, 1)
-        line("  of it, the task record and the answer", own, 1)
+        line("  of it, the task record in Redis", own, 1)
         line("client (last byte handed to gRPC -> answer)", self.client, 1000)
         line(
             "S3 alone (direct PUTs, same sizes, meanwhile)",

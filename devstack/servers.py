@@ -39,7 +39,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Self
@@ -226,6 +226,7 @@ def envoy_binary() -> Path:
 @dataclass(frozen=True)
 class _ProcStat:
     state: str
+    parent: int
     session: int
     start_time: int
 
@@ -238,7 +239,9 @@ def _proc_stat(pid: int) -> _ProcStat | None:
         return None
     # "pid (comm) state ppid pgrp session ... starttime(22) ..."; comm may hold spaces.
     fields = raw[raw.rfind(")") + 2 :].split()
-    return _ProcStat(state=fields[0], session=int(fields[3]), start_time=int(fields[19]))
+    return _ProcStat(
+        state=fields[0], parent=int(fields[1]), session=int(fields[3]), start_time=int(fields[19])
+    )
 
 
 def process_start_time(pid: int) -> int | None:
@@ -257,6 +260,26 @@ def _session_members(sid: int) -> list[int]:
         if info is not None and info.session == sid and info.state not in ("Z", "X"):
             members.append(int(entry.name))
     return members
+
+
+def _descendant_sessions(pid: int) -> set[int]:
+    """Sessions led by processes descended from `pid` (the Knowledge Service
+    starts its worker child in a session of its own). Only findable while
+    `pid` lives: once it is gone, its children are re-parented."""
+    stats = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (info := _proc_stat(int(entry.name))) is not None:
+            stats[int(entry.name)] = info
+    children: dict[int, list[int]] = {}
+    for child, info in stats.items():
+        children.setdefault(info.parent, []).append(child)
+    sessions, todo = set(), list(children.get(pid, ()))
+    while todo:
+        child = todo.pop()
+        if stats[child].session == child:
+            sessions.add(child)
+        todo.extend(children.get(child, ()))
+    return sessions
 
 
 def _signal(pid: int, sig: signal.Signals) -> None:
@@ -477,10 +500,15 @@ class ServerProcess:
             and (info.start_time != self.start_time)
         )
 
-    def _session_stragglers(self) -> list[int]:
-        # The session id is the leader's pid. Linux never hands a pid out while
+    def _session_stragglers(self, child_sessions: Collection[int] = ()) -> list[int]:
+        # A session id is its leader's pid. Linux never hands a pid out while
         # a session or group of that id exists, so every member is ours.
-        return [pid for pid in _session_members(self.pid) if pid != self.pid]
+        return [
+            pid
+            for session in {self.pid, *child_sessions}
+            for pid in _session_members(session)
+            if pid != self.pid
+        ]
 
     def stop(self, timeout: float | None = None, *, reap_timeout: float = 3.0) -> int | None:
         """SIGTERM, wait up to `timeout` s, then SIGKILL; also stops what it forked.
@@ -491,21 +519,24 @@ class ServerProcess:
         """
         timeout = self.stop_timeout if timeout is None else timeout
         was_ours = self.is_alive()
+        # Children in sessions of their own are swept with the server's: found
+        # now, while they are still its children.
+        child_sessions = _descendant_sessions(self.pid) if was_ours else set()
         if was_ours:
             _signal(self.pid, signal.SIGTERM)
             if not self._wait_dead(timeout):
-                for pid in [self.pid, *self._session_stragglers()]:
+                for pid in [self.pid, *self._session_stragglers(child_sessions)]:
                     _signal(pid, signal.SIGKILL)
                 self._wait_dead(10.0)
         if was_ours or self.popen is not None or not self._pid_reused():
             # Also after a crash: whatever the server forked may still run.
-            stragglers = self._session_stragglers()
+            stragglers = self._session_stragglers(child_sessions)
             for pid in stragglers:
                 _signal(pid, signal.SIGTERM)
             deadline = time.monotonic() + _STRAGGLER_GRACE
             while stragglers and time.monotonic() < deadline:
                 time.sleep(_POLL)
-                stragglers = self._session_stragglers()
+                stragglers = self._session_stragglers(child_sessions)
             for pid in stragglers:
                 _signal(pid, signal.SIGKILL)
         if self.popen is not None and self.popen.poll() is None:

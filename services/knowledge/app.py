@@ -34,7 +34,7 @@ from services.knowledge.index.location import connect
 from services.knowledge.index.maintenance import run_maintenance
 from services.knowledge.settings import KnowledgeSettings
 from services.knowledge.worker.app import build_runtime
-from services.knowledge.worker.process import WorkerProcess
+from services.knowledge.worker.process import WorkerProcess, autogroup_enabled
 
 ERROR_DOMAIN = "knowledge.kbmesh"
 # The ingestion pipeline's ONNX MiniLM: one model per process, shared by the
@@ -122,8 +122,12 @@ async def build_app(settings: KnowledgeSettings) -> AsyncIterator[KnowledgeApp]:
             # Pipeline CPU work in a child process at a lower priority: it cannot
             # starve the searches here (services/knowledge/worker/process.py). Index
             # maintenance (compaction, index updates) is CPU work too: it runs there.
+            # Where the kernel shares CPUs between sessions first, the child
+            # gets a session of its own to lower (docs/ingestion.md, "Sessions").
             child = WorkerProcess(
-                shutdown_grace_seconds=grace, extra_args=["--maintain"] if maintain else []
+                shutdown_grace_seconds=grace,
+                extra_args=["--maintain"] if maintain else [],
+                own_session=settings.worker.nice > 0 and autogroup_enabled(),
             )
             child.start()
             stack.push_async_callback(child.close)

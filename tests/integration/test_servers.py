@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
+import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -167,3 +170,49 @@ def test_envoy_answers_404_for_unknown_paths(start_envoy: EnvoyFactory) -> None:
     assert status == 503
     status, _ = servers.http_get(envoy.http_url + "/api/v1/tasks/some-task?bogus=1")
     assert status == 400
+
+
+# A server whose child leads a session of its own (as the Knowledge Service's
+# worker does) and is slow to stop: SIGTERM ignored.
+_PARENT_WITH_OWN_SESSION_CHILD = """
+import signal, subprocess, sys, time
+stuck = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
+child = subprocess.Popen([sys.executable, "-c", stuck], start_new_session=True)
+open(sys.argv[1], "w").write(str(child.pid))
+time.sleep(600)
+"""
+
+
+def test_stop_also_stops_a_child_in_a_session_of_its_own(tmp_path: Path) -> None:
+    pid_file = tmp_path / "child.pid"
+    server = servers.ServerProcess.spawn(
+        "parent",
+        [sys.executable, "-c", _PARENT_WITH_OWN_SESSION_CHILD, str(pid_file)],
+        log_path=tmp_path / "parent.log",
+    )
+    child = 0
+    try:
+        for _ in range(100):
+            if pid_file.exists() and pid_file.read_text():
+                break
+            time.sleep(0.1)
+        child = int(pid_file.read_text())
+        assert os.getsid(child) == child != os.getsid(server.pid)
+        server.stop(timeout=5)
+        for _ in range(100):
+            if not servers.process_start_time(child) or _state(child) == "Z":
+                break
+            time.sleep(0.1)
+        assert not servers.process_start_time(child) or _state(child) == "Z"
+    finally:
+        server.stop(timeout=1)
+        if child:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"

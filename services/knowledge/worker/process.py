@@ -74,34 +74,47 @@ def lower_priority(nice: int) -> Priority:
         os.nice(nice)
     except OSError as exc:
         problems.append(f"could not lower the worker's CPU priority: {exc}")
-    session_nice = None
-    if os.getsid(0) == os.getpid() and _autogroup_enabled():
-        try:
-            session_nice = _set_autogroup_nice(nice)
-        except OSError as exc:
-            problems.append(f"could not lower the worker session's CPU priority: {exc}")
+    session_nice, problem = lower_session(nice)
+    if problem:
+        problems.append(problem)
     return Priority(os.getpriority(os.PRIO_PROCESS, 0), session_nice, tuple(problems))
 
 
-def _autogroup_enabled() -> bool:
+def autogroup_enabled() -> bool:
+    """Whether the kernel shares CPUs between sessions first (autogroup)."""
     try:
         return _AUTOGROUP_ENABLED.read_text().strip() == "1"
     except OSError:  # a kernel without autogroup
         return False
 
 
-def _set_autogroup_nice(nice: int) -> int:
-    # The kernel takes one such change per 100 ms host-wide (EAGAIN otherwise).
-    for attempt in range(20):
+# The kernel takes one autogroup change per 100 ms host-wide from an
+# unprivileged process (EAGAIN otherwise): retry for up to 5 s.
+_AUTOGROUP_TRIES = 50
+_AUTOGROUP_RETRY_SECONDS = 0.1
+
+
+def lower_session(nice: int) -> tuple[int | None, str]:
+    """Sets the autogroup niceness of the session this process leads (absolute,
+    0-19). Returns the niceness read back (None: not set, because autogroup
+    is off or this process does not lead its session) and a problem to log."""
+    if os.getsid(0) != os.getpid() or not autogroup_enabled():
+        return None, ""
+    for attempt in range(_AUTOGROUP_TRIES):
         try:
             _AUTOGROUP.write_text(f"{nice}\n")
             break
         except BlockingIOError:
-            if attempt == 19:
-                raise
-            time.sleep(0.1)
-    # "/autogroup-123 nice 19"
-    return int(_AUTOGROUP.read_text().split()[-1])
+            if attempt == _AUTOGROUP_TRIES - 1:
+                return None, "could not lower the worker session's CPU priority: busy"
+            time.sleep(_AUTOGROUP_RETRY_SECONDS)
+        except OSError as exc:
+            return None, f"could not lower the worker session's CPU priority: {exc}"
+    try:
+        # "/autogroup-123 nice 19"
+        return int(_AUTOGROUP.read_text().split()[-1]), ""
+    except (OSError, ValueError, IndexError) as exc:
+        return None, f"could not read the worker session's CPU priority back: {exc!r}"
 
 
 async def watch_parent(parent_pid: int, stop: asyncio.Event, every: float = 1.0) -> None:
@@ -122,8 +135,10 @@ class WorkerProcess:
         shutdown_grace_seconds: float,
         argv: Sequence[str] | None = None,
         extra_args: Sequence[str] = (),
+        own_session: bool = False,
     ) -> None:
         self._argv = [*(argv or (sys.executable, "-m", "services.knowledge.worker")), *extra_args]
+        self._own_session = own_session
         self._grace = shutdown_grace_seconds
         self._process: asyncio.subprocess.Process | None = None
         self._stopping = False
@@ -141,10 +156,10 @@ class WorkerProcess:
         backoff = 0.5
         while not self._stopping:
             started = time.monotonic()
-            # A session of its own: the child lowers its session's CPU
-            # priority (`lower_priority`) without lowering this process's.
+            # `own_session`: the child lowers its session's CPU priority
+            # (`lower_priority`) without lowering this process's.
             self._process = await asyncio.create_subprocess_exec(
-                *self._argv, "--parent-pid", str(os.getpid()), start_new_session=True
+                *self._argv, "--parent-pid", str(os.getpid()), start_new_session=self._own_session
             )
             log.info("worker process started", extra={"pid": self._process.pid})
             code = await self._process.wait()
