@@ -16,9 +16,9 @@ service's own `maintain`: ANN vector index + optimize). Then, in the same run:
    enough to keep both cores busy, each a merge_insert of 32 chunks embedded by
    the real ONNX MiniLM when installed) — searchers and writers share the
    2 cores. Twice: the writer at the API's CPU priority ("grpc+ingest"), then
-   at the niceness the service's worker process gives itself (`worker.nice`)
-   and running index maintenance every `--maintain-seconds` in the writer
-   ("+ingest n10+maint"): the Knowledge Service runs its worker, and the
+   at the niceness the service's worker process gives itself and its session
+   (`worker.nice`) and running index maintenance every `--maintain-seconds`
+   in the writer ("+ingest n19+maint"): the Knowledge Service runs its worker, and the
    maintenance passes, that way by default (`worker.isolation=process`). Each
    is followed by a quiet run ("after …") over the table as the writer left it.
 
