@@ -16,6 +16,7 @@ import textwrap
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -268,6 +269,46 @@ WRITER = textwrap.dedent(
     asyncio.run(index.replace_document(kb, "late", [chunk]))
     """
 )
+
+
+def fragments(table: Any) -> int:
+    return int(table.stats()["fragment_stats"]["num_fragments"])
+
+
+async def test_maintenance_runs_again_when_a_write_wins_the_commit(
+    index: LanceChunkIndex, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kb = new_id()
+    for n in range(3):  # fragments to compact
+        await index.replace_document(kb, f"d{n}", [record(kb, f"d{n}", 0, f"text {n}")])
+    table = index._open(kb)
+    assert table is not None
+    real = table.optimize
+    calls = []
+
+    def racing(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 1:  # what Lance raises when a write committed first
+            raise RuntimeError(
+                "lance error: Retryable commit conflict for version 7: This Rewrite "
+                "transaction was preempted by concurrent transaction Update at version 7."
+            )
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    assert fragments(table) > 1
+    monkeypatch.setattr(table, "optimize", racing)
+    index.maintain(kb)
+    assert len(calls) == 2
+    assert fragments(table) == 1  # the second pass compacted
+
+    def broken(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        raise RuntimeError("lance error: IO error: disk gone")
+
+    monkeypatch.setattr(table, "optimize", broken)
+    with pytest.raises(RuntimeError, match="disk gone"):
+        index.maintain(kb)
+    assert len(calls) == 3  # other errors are not retried
 
 
 async def test_another_process_writes_are_searchable_within_a_second(tmp_path: Path) -> None:
