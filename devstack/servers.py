@@ -250,26 +250,29 @@ def process_start_time(pid: int) -> int | None:
     return None if info is None else info.start_time
 
 
-def _session_members(sid: int) -> list[int]:
-    """Live processes of session `sid` (a server and whatever it forked)."""
-    members = []
+def _processes() -> dict[int, _ProcStat]:
+    """Every process's /proc stat, by pid."""
+    stats = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        info = _proc_stat(int(entry.name))
-        if info is not None and info.session == sid and info.state not in ("Z", "X"):
-            members.append(int(entry.name))
-    return members
+        if entry.name.isdigit() and (info := _proc_stat(int(entry.name))) is not None:
+            stats[int(entry.name)] = info
+    return stats
+
+
+def _session_members(sessions: Collection[int]) -> list[int]:
+    """Live processes of `sessions` (a server and whatever it forked)."""
+    return [
+        pid
+        for pid, info in _processes().items()
+        if info.session in sessions and info.state not in ("Z", "X")
+    ]
 
 
 def _descendant_sessions(pid: int) -> set[int]:
     """Sessions led by processes descended from `pid` (the Knowledge Service
     starts its worker child in a session of its own). Only findable while
     `pid` lives: once it is gone, its children are re-parented."""
-    stats = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (info := _proc_stat(int(entry.name))) is not None:
-            stats[int(entry.name)] = info
+    stats = _processes()
     children: dict[int, list[int]] = {}
     for child, info in stats.items():
         children.setdefault(info.parent, []).append(child)
@@ -503,12 +506,7 @@ class ServerProcess:
     def _session_stragglers(self, child_sessions: Collection[int] = ()) -> list[int]:
         # A session id is its leader's pid. Linux never hands a pid out while
         # a session or group of that id exists, so every member is ours.
-        return [
-            pid
-            for session in {self.pid, *child_sessions}
-            for pid in _session_members(session)
-            if pid != self.pid
-        ]
+        return [pid for pid in _session_members({self.pid, *child_sessions}) if pid != self.pid]
 
     def stop(self, timeout: float | None = None, *, reap_timeout: float = 3.0) -> int | None:
         """SIGTERM, wait up to `timeout` s, then SIGKILL; also stops what it forked.

@@ -20,6 +20,7 @@ import yaml
 from devstack import servers
 from devstack.servers import RedisServer, SeaweedServer
 from tests.conftest import EnvoyFactory, RedisFactory
+from tests.support import alive
 
 pytestmark = pytest.mark.integration
 
@@ -200,19 +201,12 @@ def test_stop_also_stops_a_child_in_a_session_of_its_own(tmp_path: Path) -> None
         assert os.getsid(child) == child != os.getsid(server.pid)
         server.stop(timeout=5)
         for _ in range(100):
-            if not servers.process_start_time(child) or _state(child) == "Z":
+            if not alive(child):
                 break
             time.sleep(0.1)
-        assert not servers.process_start_time(child) or _state(child) == "Z"
+        assert not alive(child)
     finally:
         server.stop(timeout=1)
         if child:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGKILL)
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return "gone"

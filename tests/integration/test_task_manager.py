@@ -58,6 +58,11 @@ def bucket_keys(stack: Stack) -> set[str]:
     return {obj["Key"] for page in pages for obj in page.get("Contents", [])}
 
 
+def kb_keys(stack: Stack, kb: str) -> list[str]:
+    """The stored objects of knowledge base `kb` (the default tenant's)."""
+    return [k for k in bucket_keys(stack) if k.startswith(object_prefix(DEFAULT_TENANT, kb))]
+
+
 def incomplete_uploads(stack: Stack) -> list[Any]:
     answer = stack.s3.boto3_client().list_multipart_uploads(Bucket=stack.s3_bucket)
     return list(answer.get("Uploads", []))
@@ -91,7 +96,7 @@ async def test_upload_is_stored_and_queued(
     assert task.filename == "report.pdf"
     assert task.content_type == "application/pdf"
     assert task.attempt == 1
-    keys = [k for k in bucket_keys(stack) if k.startswith(object_prefix(DEFAULT_TENANT, kb))]
+    keys = kb_keys(stack, kb)
     assert len(keys) == 1
     assert "report" not in keys[0]
     stored = stack.s3.boto3_client().get_object(Bucket=stack.s3_bucket, Key=keys[0])
@@ -114,7 +119,7 @@ async def test_large_upload_goes_through_multipart(
         sha256=hashlib.sha256(data).hexdigest(),
     )
     assert answer.task.size_bytes == len(data)
-    keys = [k for k in bucket_keys(stack) if k.startswith(object_prefix(DEFAULT_TENANT, kb))]
+    keys = kb_keys(stack, kb)
     stored = stack.s3.boto3_client().get_object(Bucket=stack.s3_bucket, Key=keys[0])
     assert hashlib.sha256(stored["Body"].read()).hexdigest() == answer.task.sha256
 
@@ -210,7 +215,7 @@ async def test_malformed_uploads_are_invalid_and_leave_nothing(
     err = await rejected(tasks, messages(kb))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error_info(err).reason == reason
-    assert not [k for k in bucket_keys(stack) if k.startswith(object_prefix(DEFAULT_TENANT, kb))]
+    assert not kb_keys(stack, kb)
     listed = await tasks.ListTasks(tm.ListTasksRequest(knowledge_base_id=kb))
     assert list(listed.tasks) == []
 
@@ -227,7 +232,7 @@ async def test_checksum_mismatch_is_data_loss_and_leaves_nothing(
     )
     assert err.code() == grpc.StatusCode.DATA_LOSS
     assert error_info(err).reason == "CHECKSUM_MISMATCH"
-    assert not [k for k in bucket_keys(stack) if k.startswith(object_prefix(DEFAULT_TENANT, kb))]
+    assert not kb_keys(stack, kb)
     assert not [
         u
         for u in incomplete_uploads(stack)
@@ -277,7 +282,7 @@ async def test_client_gone_mid_upload_leaves_no_task_and_no_object(
         for u in incomplete_uploads(stack)
         if u["Key"].startswith(object_prefix(DEFAULT_TENANT, kb))
     ]
-    assert not [k for k in bucket_keys(stack) if k.startswith(object_prefix(DEFAULT_TENANT, kb))]
+    assert not kb_keys(stack, kb)
     listed = await tasks.ListTasks(tm.ListTasksRequest(knowledge_base_id=kb))
     assert list(listed.tasks) == []
 
@@ -298,7 +303,7 @@ async def test_declared_size_upload_is_streamed_and_stored_intact(
     )
     assert answer.task.size_bytes == len(data)
     assert answer.task.sha256 == hashlib.sha256(data).hexdigest()
-    keys = [k for k in bucket_keys(stack) if k.startswith(object_prefix(DEFAULT_TENANT, kb))]
+    keys = kb_keys(stack, kb)
     stored = stack.s3.boto3_client().get_object(Bucket=stack.s3_bucket, Key=keys[0])
     assert stored["Body"].read() == data
     assert stored["ContentType"] == "application/pdf"
@@ -336,7 +341,7 @@ async def test_streamed_upload_that_fails_leaves_nothing(
 
         await cut_off(tasks, half(), half_sent)
         await asyncio.sleep(0.5)  # the server notices and aborts asynchronously
-    assert not [k for k in bucket_keys(stack) if k.startswith(object_prefix(DEFAULT_TENANT, kb))]
+    assert not kb_keys(stack, kb)
     listed = await tasks.ListTasks(tm.ListTasksRequest(knowledge_base_id=kb))
     assert list(listed.tasks) == []
 
@@ -348,9 +353,7 @@ async def test_same_request_id_answers_the_same_task(
     again = await upload(tasks, b"two", knowledge_base_id=kb, filename="a.txt", request_id="r-1")
     assert again.task_id == first.task_id
     assert again.replayed
-    assert (
-        len([k for k in bucket_keys(stack) if k.startswith(object_prefix(DEFAULT_TENANT, kb))]) == 1
-    )
+    assert len(kb_keys(stack, kb)) == 1
 
 
 async def test_same_bytes_are_recognised_unless_forced(
@@ -363,9 +366,7 @@ async def test_same_bytes_are_recognised_unless_forced(
     forced = await upload(tasks, b"same bytes", knowledge_base_id=kb, filename="c.txt", force=True)
     assert not forced.duplicate
     assert forced.document_id != first.document_id
-    assert (
-        len([k for k in bucket_keys(stack) if k.startswith(object_prefix(DEFAULT_TENANT, kb))]) == 2
-    )
+    assert len(kb_keys(stack, kb)) == 2
 
 
 async def test_many_concurrent_uploads_are_all_acknowledged(

@@ -16,6 +16,7 @@ import pytest
 
 from services.knowledge.worker.process import autogroup_enabled
 from tests.conftest import ServiceFactory, Stack
+from tests.support import alive
 
 pytestmark = pytest.mark.integration
 
@@ -36,14 +37,6 @@ def worker_children(parent: int) -> list[int]:
         if int(ppid) == parent and state != "Z" and b"services.knowledge.worker" in cmdline:
             found.append(int(entry.name))
     return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def autogroup_nice(pid: int) -> int:
