@@ -98,3 +98,11 @@ def test_leaves_a_session_it_does_not_lead_alone(
     monkeypatch.setattr(os, "getsid", lambda pid: os.getpid() + 1)
     assert process.lower_session(19) == (None, "")
     assert group.writes == 0
+
+
+def test_reads_a_session_niceness() -> None:
+    assert process.autogroup_niceness("/autogroup-123 nice 19\n") == 19
+    assert process.autogroup_niceness("/autogroup-7 nice 0\n") == 0
+    # The session the host booted with has no autogroup: the file is empty.
+    assert process.autogroup_niceness("") is None
+    assert process.autogroup_niceness("\n") is None

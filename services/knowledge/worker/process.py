@@ -111,10 +111,18 @@ def lower_session(nice: int) -> tuple[int | None, str]:
         except OSError as exc:
             return None, f"could not lower the worker session's CPU priority: {exc}"
     try:
-        # "/autogroup-123 nice 19"
-        return int(_AUTOGROUP.read_text().split()[-1]), ""
-    except (OSError, ValueError, IndexError) as exc:
+        return autogroup_niceness(_AUTOGROUP.read_text()), ""
+    except (OSError, ValueError) as exc:
         return None, f"could not read the worker session's CPU priority back: {exc!r}"
+
+
+def autogroup_niceness(text: str) -> int | None:
+    """The niceness in a /proc/<pid>/autogroup: "/autogroup-123 nice 19" -> 19.
+    The file is empty for a process in the session the host booted with (the
+    root group, which has no autogroup niceness): None."""
+    if not text.strip():
+        return None
+    return int(text.split()[-1])
 
 
 async def watch_parent(parent_pid: int, stop: asyncio.Event, every: float = 1.0) -> None:
