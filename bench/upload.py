@@ -475,12 +475,30 @@ async def keep_ingesting(stack: Stack, kb: str, stop: asyncio.Event) -> int:
     return sent
 
 
+async def backlog_drained(stack: Stack, but: str, timeout: float = 300.0) -> None:
+    """Waits until no task is pending outside knowledge base `but`."""
+    async with grpc.aio.insecure_channel(stack.tm_address) as channel:
+        stub = tm_grpc.TaskManagerServiceStub(channel)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pending = await stub.ListTasks(
+                tm.ListTasksRequest(state=tm.Task.State.STATE_PENDING, page_size=1000)
+            )
+            if all(task.knowledge_base_id == but for task in pending.tasks):
+                return
+            await asyncio.sleep(0.5)
+    raise RuntimeError(f"the worker did not work through the queued uploads in {timeout:.0f} s")
+
+
 async def ack_while_ingesting(
     stack: Stack, closer: ExitStack, args: argparse.Namespace
 ) -> AckPhase:
     """The paced ack phase with a knowledge worker (4 tasks at once, at the
     default priority: nice 19, in a session of its own) ingesting documents
-    throughout; its title says the share of a core the worker used."""
+    throughout: a feeder's Markdown, which it parses and embeds, and the
+    phase's own uploads as they arrive. It starts once the worker has worked
+    through what the earlier phases queued. Its title says the share of a
+    core the worker used."""
     worker = closer.enter_context(
         servers.start_worker(
             redis_url=stack.redis_url,
@@ -493,7 +511,12 @@ async def ack_while_ingesting(
     docs_kb = await create_kb(stack)
     stop = asyncio.Event()
     feeder = asyncio.create_task(keep_ingesting(stack, docs_kb, stop))
-    await asyncio.sleep(5)  # the worker is busy embedding before the uploads start
+    # The earlier phases' uploads were queued with no worker; it works
+    # through them first (random bytes: each fails at once, costing the
+    # Task Manager a dispatch). The phase starts once they are gone and the
+    # worker is busy embedding the feeder's documents.
+    await backlog_drained(stack, docs_kb)
+    await asyncio.sleep(5)
     worker_before = cpu_seconds(worker.pid)
     started = time.perf_counter()
     phase = await ack_phase(stack, args, args.client_rate_kib * 1024, "")
