@@ -475,19 +475,23 @@ async def keep_ingesting(stack: Stack, kb: str, stop: asyncio.Event) -> int:
     return sent
 
 
-async def backlog_drained(stack: Stack, but: str, timeout: float = 300.0) -> None:
+async def backlog_drained(stack: Stack, but: str, limit: float = 300.0) -> None:
     """Waits until no task is pending outside knowledge base `but`."""
     async with grpc.aio.insecure_channel(stack.tm_address) as channel:
         stub = tm_grpc.TaskManagerServiceStub(channel)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            pending = await stub.ListTasks(
-                tm.ListTasksRequest(state=tm.Task.State.STATE_PENDING, page_size=1000)
-            )
-            if all(task.knowledge_base_id == but for task in pending.tasks):
-                return
-            await asyncio.sleep(0.5)
-    raise RuntimeError(f"the worker did not work through the queued uploads in {timeout:.0f} s")
+        try:
+            async with asyncio.timeout(limit):
+                while True:
+                    pending = await stub.ListTasks(
+                        tm.ListTasksRequest(state=tm.Task.State.STATE_PENDING, page_size=1000)
+                    )
+                    if all(task.knowledge_base_id == but for task in pending.tasks):
+                        return
+                    await asyncio.sleep(0.5)
+        except TimeoutError:
+            raise RuntimeError(
+                f"the worker did not work through the queued uploads in {limit:.0f} s"
+            ) from None
 
 
 async def ack_while_ingesting(
