@@ -11,8 +11,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from redis.asyncio import Redis
 
@@ -21,6 +22,22 @@ from services.common.redis_boundary import as_text
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
+# A page's records are read and decoded this many per Redis round trip.
+RECORD_BATCH = 50
+
+T = TypeVar("T")
+
+
+def in_batches(items: Sequence[T], size: int = RECORD_BATCH) -> Iterator[Sequence[T]]:
+    """`items` in consecutive slices of at most `size`.
+
+    A listing reads its page one slice per round trip and decodes each slice
+    before asking for the next, so the event loop serves other calls in
+    between: a page of a thousand tasks (about 100 ms of reading and decoding
+    in Python) no longer holds up every upload and search on the process
+    for all of that time, only for one slice's share."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 def page_size(requested: int, default: int = DEFAULT_PAGE_SIZE) -> int:

@@ -20,7 +20,7 @@ from kbmesh.knowledge.v1 import knowledge_pb2 as kn
 from kbmesh.knowledge.v1 import knowledge_pb2_grpc as kn_grpc
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.ids import is_id, new_id
-from services.common.protos import enum_name, enum_value, timestamp
+from services.common.protos import converted, enum_name, enum_value, timestamp
 from services.knowledge.adapters.document_tasks import DocumentTasks
 from services.knowledge.adapters.redis_documents import RedisDocuments
 from services.knowledge.adapters.redis_kb_store import RedisKnowledgeBases
@@ -386,7 +386,7 @@ class KnowledgeApi(kn_grpc.KnowledgeServiceServicer):
         state = enum_name(kn.Document.State, request.state, "STATE_")
         page = await self._documents.list(kb.id, state, request.page_size, request.page_token)
         return kn.ListDocumentsResponse(
-            documents=[document_to_proto(d) for d in page.documents],
+            documents=await converted(page.documents, document_to_proto),
             next_page_token=page.next_page_token,
         )
 

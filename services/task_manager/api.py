@@ -23,7 +23,7 @@ from kbmesh.taskmanager.v1 import worker_pb2 as wk
 from kbmesh.taskmanager.v1 import worker_pb2_grpc as wk_grpc
 from services.common.auth import caller_tenant
 from services.common.errors import Code, InvalidArgument, KbmeshError, NotFound, Unauthenticated
-from services.common.protos import timestamp
+from services.common.protos import converted, timestamp
 from services.common.tls import peer_certificate
 from services.task_manager.convert import (
     assignment_to_proto,
@@ -163,7 +163,7 @@ class TaskManagerApi(tm_grpc.TaskManagerServiceServicer):
             tenant=tenant,
         )
         return tm.ListTasksResponse(
-            tasks=[task_to_proto(t) for t in page.tasks], next_page_token=page.next_page_token
+            tasks=await converted(page.tasks, task_to_proto), next_page_token=page.next_page_token
         )
 
     async def WatchTask(

@@ -6,7 +6,8 @@ import asyncio
 import dataclasses
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -14,10 +15,13 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from devstack import servers
-from services.common import redis_keys
+from services.common import redis_keys, redis_pages
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from services.common.ids import new_id
 from services.common.settings import DEFAULT_TENANT
+from services.knowledge.adapters import redis_documents
+from services.knowledge.adapters.redis_documents import RedisDocuments
+from services.task_manager.adapters import redis_store
 from services.task_manager.adapters.redis_store import (
     RedisTaskStore,
     decode_event,
@@ -352,6 +356,50 @@ async def test_list_tasks_by_knowledge_base_and_state(store: RedisTaskStore) -> 
     assert await ids("no-such-kb", None) == []
     page = await store.list_tasks(KB, TaskState.CANCELLED, 10, "")
     assert page.tasks == [a2]
+
+
+async def interleaved(listing: Awaitable[Any], decoded: Callable[[], int]) -> list[int]:
+    """Runs `listing` and, whenever the event loop lets other code run before
+    it is done, notes how many records it had decoded by then."""
+    seen = []
+    running = asyncio.ensure_future(listing)
+    while not running.done():
+        seen.append(decoded())
+        await asyncio.sleep(0)
+    await running
+    return seen
+
+
+async def test_a_large_page_lets_other_calls_run_while_it_is_read(
+    store: RedisTaskStore, client: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page of up to a thousand records is read and decoded a slice at a
+    time (redis_pages.in_batches), so the event loop serves other calls
+    (uploads, searches on the same process) between slices instead of
+    waiting for the whole page: task listings and document listings."""
+    total = redis_pages.RECORD_BATCH * 2 + 7
+    for i in range(total):
+        await created(store, new_task(created=BASE_MS + i))
+    counts = {"tasks": 0, "documents": 0}
+
+    def counting(kind: str, decode: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapped(*args: Any) -> Any:
+            counts[kind] += 1
+            return decode(*args)
+
+        return wrapped
+
+    monkeypatch.setattr(redis_store, "decode_task", counting("tasks", decode_task))
+    monkeypatch.setattr(
+        redis_documents, "decode_document", counting("documents", redis_documents.decode_document)
+    )
+    tasks = store.list_tasks("", None, 1000, "")
+    documents = RedisDocuments(client).list(KB, "", 1000, "")
+    for kind, listing in (("tasks", tasks), ("documents", documents)):
+        seen = await interleaved(listing, lambda kind=kind: counts[kind])  # type: ignore[misc]
+        assert counts[kind] == total, kind
+        # Other code ran with part of the page decoded, more than once.
+        assert len({n for n in seen if 0 < n < total}) >= 2, kind
 
 
 async def test_pages_are_stable_while_new_tasks_arrive(store: RedisTaskStore) -> None:

@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 
 from services.common import redis_keys
 from services.common.auth import caller_tenant, current_tenant
-from services.common.redis_pages import newest_first, page_size
+from services.common.redis_pages import in_batches, newest_first, page_size
 from services.common.settings import DEFAULT_TENANT
 from services.knowledge.domain.documents import Document, DocumentError, DocumentPage
 
@@ -115,21 +115,24 @@ class RedisDocuments:
         self._delete = redis.register_script(_DELETE)
         self._delete_many = redis.register_script(_DELETE_MANY)
 
-    async def _load(self, ids: list[str]) -> list[Document]:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for document_id in ids:
-                pipe.hgetall(redis_keys.document(document_id))
-            records = await pipe.execute()
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for record in records:
-                task_id = _text(record.get(b"task_id") or record.get("task_id"))
-                pipe.hmget(redis_keys.task(task_id), list(_TASK_FIELDS))
-            tasks = await pipe.execute()
-        return [
-            decode_document(document_id, record, task)
-            for document_id, record, task in zip(ids, records, tasks, strict=True)
-            if record
-        ]
+    async def _load(self, ids: Sequence[str]) -> list[Document]:
+        documents: list[Document] = []
+        for batch in in_batches(ids):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for document_id in batch:
+                    pipe.hgetall(redis_keys.document(document_id))
+                records = await pipe.execute()
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for record in records:
+                    task_id = _text(record.get(b"task_id") or record.get("task_id"))
+                    pipe.hmget(redis_keys.task(task_id), list(_TASK_FIELDS))
+                tasks = await pipe.execute()
+            documents += [
+                decode_document(document_id, record, task)
+                for document_id, record, task in zip(batch, records, tasks, strict=True)
+                if record
+            ]
+        return documents
 
     async def get(self, knowledge_base_id: str, document_id: str) -> Document | None:
         found = await self._load([document_id])

@@ -735,12 +735,14 @@ class RedisTaskStore:
             f"tasks:{tenant}:{knowledge_base_id}:{state_filter}",
             page_token,
         )
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for task_id in ids:
-                pipe.hgetall(redis_keys.task(task_id))
-            records = await pipe.execute()
-        # Only the tenant's tasks, whatever index was read.
-        tasks = [t for t in (decode_task(f) for f in records if f) if t.tenant == tenant]
+        tasks: list[Task] = []
+        for batch in redis_pages.in_batches(ids):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for task_id in batch:
+                    pipe.hgetall(redis_keys.task(task_id))
+                records = await pipe.execute()
+            # Only the tenant's tasks, whatever index was read.
+            tasks += [t for t in (decode_task(f) for f in records if f) if t.tenant == tenant]
         if state is not None:
             # A task that changed state since the index was read no longer belongs here.
             tasks = [t for t in tasks if t.state is state]
