@@ -485,7 +485,9 @@ async def backlog_drained(stack: Stack, but: str, limit: float = 300.0) -> None:
                     pending = await stub.ListTasks(
                         tm.ListTasksRequest(state=tm.Task.State.STATE_PENDING, page_size=1000)
                     )
-                    if all(task.knowledge_base_id == but for task in pending.tasks):
+                    if not pending.next_page_token and all(
+                        task.knowledge_base_id == but for task in pending.tasks
+                    ):
                         return
                     await asyncio.sleep(0.5)
         except TimeoutError:

@@ -7,7 +7,7 @@ import dataclasses
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from redis.asyncio import Redis
@@ -21,7 +21,8 @@ from services.common.ids import new_id
 from services.common.settings import DEFAULT_TENANT
 from services.knowledge.adapters import redis_documents
 from services.knowledge.adapters.redis_documents import RedisDocuments
-from services.task_manager.adapters import redis_store
+from services.task_manager.adapters import redis_dispatch, redis_store
+from services.task_manager.adapters.redis_dispatch import RedisDispatchQueue
 from services.task_manager.adapters.redis_store import (
     RedisTaskStore,
     decode_event,
@@ -42,6 +43,8 @@ from services.task_manager.domain.model import (
 )
 from services.task_manager.domain.ports import TaskStore
 from tests.conftest import RedisFactory
+
+T = TypeVar("T")
 
 pytestmark = pytest.mark.integration
 
@@ -358,28 +361,28 @@ async def test_list_tasks_by_knowledge_base_and_state(store: RedisTaskStore) -> 
     assert page.tasks == [a2]
 
 
-async def interleaved(listing: Awaitable[Any], decoded: Callable[[], int]) -> list[int]:
-    """Runs `listing` and, whenever the event loop lets other code run before
-    it is done, notes how many records it had decoded by then."""
+async def interleaved(listing: Awaitable[T], decoded: Callable[[], int]) -> tuple[T, list[int]]:
+    """Runs `listing`; whenever the event loop lets other code run before it
+    is done, notes how many records it had decoded by then."""
     seen = []
     running = asyncio.ensure_future(listing)
     while not running.done():
         seen.append(decoded())
         await asyncio.sleep(0)
-    await running
-    return seen
+    return await running, seen
 
 
 async def test_a_large_page_lets_other_calls_run_while_it_is_read(
     store: RedisTaskStore, client: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A page of up to a thousand records is read and decoded a slice at a
-    time (redis_pages.in_batches), so the event loop serves other calls
-    (uploads, searches on the same process) between slices instead of
-    waiting for the whole page: task listings and document listings."""
+    """Up to a thousand records are read and decoded a slice at a time
+    (redis_pages.in_batches), so the event loop serves other calls (uploads,
+    searches on the same process) between slices instead of waiting for the
+    whole page: task and document listings, and the dispatcher's reads."""
     total = redis_pages.RECORD_BATCH * 2 + 7
-    for i in range(total):
-        await created(store, new_task(created=BASE_MS + i))
+    assert total <= redis_pages.MAX_PAGE_SIZE
+    tasks = [await created(store, new_task(created=BASE_MS + i)) for i in range(total)]
+    newest_first = tasks[::-1]
     counts = {"tasks": 0, "documents": 0}
 
     def counting(kind: str, decode: Callable[..., Any]) -> Callable[..., Any]:
@@ -390,16 +393,33 @@ async def test_a_large_page_lets_other_calls_run_while_it_is_read(
         return wrapped
 
     monkeypatch.setattr(redis_store, "decode_task", counting("tasks", decode_task))
+    monkeypatch.setattr(redis_dispatch, "decode_task", counting("tasks", decode_task))
     monkeypatch.setattr(
         redis_documents, "decode_document", counting("documents", redis_documents.decode_document)
     )
-    tasks = store.list_tasks("", None, 1000, "")
-    documents = RedisDocuments(client).list(KB, "", 1000, "")
-    for kind, listing in (("tasks", tasks), ("documents", documents)):
-        seen = await interleaved(listing, lambda kind=kind: counts[kind])  # type: ignore[misc]
+
+    def sliced(kind: str, seen: list[int]) -> None:
         assert counts[kind] == total, kind
-        # Other code ran with part of the page decoded, more than once.
+        # Other code ran with part of the records decoded, more than once.
         assert len({n for n in seen if 0 < n < total}) >= 2, kind
+        counts[kind] = 0
+
+    page, seen = await interleaved(store.list_tasks("", None, 1000, ""), lambda: counts["tasks"])
+    sliced("tasks", seen)
+    assert page.tasks == newest_first
+    assert page.next_page_token == ""
+
+    documents, seen = await interleaved(
+        RedisDocuments(client).list(KB, "", 1000, ""), lambda: counts["documents"]
+    )
+    sliced("documents", seen)
+    assert [d.id for d in documents.documents] == [t.document_id for t in newest_first]
+
+    queue = RedisDispatchQueue(client, store)
+    ids = [t.id for t in tasks]
+    records, seen = await interleaved(queue._records(ids), lambda: counts["tasks"])
+    sliced("tasks", seen)
+    assert records == [(t.id, t) for t in tasks]
 
 
 async def test_pages_are_stable_while_new_tasks_arrive(store: RedisTaskStore) -> None:

@@ -78,6 +78,19 @@ def test_reports_a_refused_write(leader: Path, monkeypatch: pytest.MonkeyPatch) 
     assert "denied" in problem
 
 
+def test_reports_a_session_without_an_autogroup_after_the_write(
+    leader: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Rootgroup(Autogroup):
+        def read_text(self) -> str:
+            return ""  # what the session the host booted with reads
+
+    monkeypatch.setattr(process, "_AUTOGROUP", Rootgroup())
+    nice, problem = process.lower_session(19)
+    assert nice is None
+    assert "no CPU priority of its own" in problem
+
+
 def test_leaves_the_session_alone_without_autogroup(
     leader: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -211,7 +211,8 @@ class RedisDocuments:
         )
 
     async def load(self, ids: builtins.list[str]) -> builtins.list[Document]:
-        """The records of these ids that still exist (two pipelined round trips)."""
+        """The records of these ids that still exist (two pipelined round trips
+        per 50 ids)."""
         return await self._load(ids)
 
     async def delete_many(self, knowledge_base_id: str, documents: Sequence[Document]) -> None:

@@ -111,9 +111,12 @@ def lower_session(nice: int) -> tuple[int | None, str]:
         except OSError as exc:
             return None, f"could not lower the worker session's CPU priority: {exc}"
     try:
-        return autogroup_niceness(_AUTOGROUP.read_text()), ""
+        now = autogroup_niceness(_AUTOGROUP.read_text())
     except (OSError, ValueError) as exc:
         return None, f"could not read the worker session's CPU priority back: {exc!r}"
+    if now is None:
+        return None, "the worker's session has no CPU priority of its own after all"
+    return now, ""
 
 
 def autogroup_niceness(text: str) -> int | None:
