@@ -24,6 +24,7 @@ import grpc
 from google.api import httpbody_pb2
 from google.protobuf import field_mask_pb2
 
+from kbmesh.client import grpc_fix
 from kbmesh.client.errors import KbmeshError, Unavailable, error_class, from_rpc_error
 from kbmesh.client.retry import RetryPolicy, retryable
 from kbmesh.client.settings import ConnectionSettings
@@ -32,6 +33,9 @@ from kbmesh.knowledge.v1 import knowledge_pb2 as kn
 from kbmesh.knowledge.v1 import knowledge_pb2_grpc as kn_grpc
 from kbmesh.taskmanager.v1 import task_manager_pb2 as tm
 from kbmesh.taskmanager.v1 import task_manager_pb2_grpc as tm_grpc
+
+# A refused upload reports the server's status, not INTERNAL (grpc_fix).
+grpc_fix.install()
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")

@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 
+from kbmesh.client import grpc_fix
 from services.common.settings import GrpcSettings, TlsClientSettings
 
 
@@ -58,7 +59,10 @@ def peer_certificate(context: Any) -> bool:
 def open_channel(
     address: str, tls: TlsClientSettings, options: list[tuple[str, Any]] | None = None
 ) -> grpc.aio.Channel:
-    """A channel to `address`: TLS when `tls.ca_file` is set, else plaintext."""
+    """A channel to `address`: TLS when `tls.ca_file` is set, else plaintext.
+    Streams on it report the server's status when it ends one early
+    (kbmesh.client.grpc_fix)."""
+    grpc_fix.install()
     if not tls.ca_file:
         return grpc.aio.insecure_channel(address, options=options)
     credentials = grpc.ssl_channel_credentials(

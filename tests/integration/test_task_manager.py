@@ -495,6 +495,40 @@ async def test_limits_answer_resource_exhausted_with_retry_hint(
         assert (await first).task_id
 
 
+async def test_a_refusal_mid_stream_reaches_the_client_as_sent(
+    stack: Stack, start_service: ServiceFactory, kb: str
+) -> None:
+    """A client still sending when the Task Manager refuses its upload gets
+    the refusal, not grpc.aio's INTERNAL "Internal error from Core" (without
+    kbmesh.client.grpc_fix, about two of three of these got INTERNAL)."""
+    limited = start_service(
+        "task_manager",
+        redis_url=stack.redis_url,
+        s3=stack.s3,
+        name="tm-refusing",
+        env={"KBMESH_TASK_MANAGER_UPLOADS__MAX_BYTES": str(1 << 20)},
+    )
+
+    async def messages(**header: Any) -> AsyncIterator[tm.UploadRequest]:
+        yield tm.UploadRequest(filename="big.bin", **header)
+        for _ in range(128):  # 8 MiB, far past the limit
+            yield tm.UploadRequest(file={"data": b"x" * 65536})
+
+    cases = [
+        ({"knowledge_base_id": kb}, grpc.StatusCode.RESOURCE_EXHAUSTED),  # crossed mid-stream
+        ({"knowledge_base_id": "0" * 26}, grpc.StatusCode.NOT_FOUND),  # refused at the header
+    ]
+    async with grpc.aio.insecure_channel(limited.address) as channel:
+        stub = tm_grpc.TaskManagerServiceStub(channel)
+        for header, code in cases:
+            codes = []
+            for _ in range(12):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await stub.Upload(messages(**header))
+                codes.append(refused.value.code())
+            assert codes == [code] * 12
+
+
 async def test_acknowledged_task_survives_a_redis_restart(
     stack: Stack, start_redis: RedisFactory, start_service: ServiceFactory
 ) -> None:
