@@ -32,9 +32,8 @@ from grpc._cython import cygrpc
 from grpc.aio import _call
 
 STATUS_WAIT_SECONDS = 1.0
-
-# The grpc.aio internals the replacement uses; without any of them it stays out.
-_NEEDED = ("_RPC_ALREADY_FINISHED_DETAILS", "_RPC_HALF_CLOSED_DETAILS", "_StreamRequestMixin")
+# The grpcio whose internals `_write` copies (pinned in pyproject.toml).
+GRPCIO_VERSION = "1.85.1"
 
 
 async def _write(self: Any, request: Any) -> None:
@@ -67,14 +66,9 @@ async def _write(self: Any, request: Any) -> None:
 
 
 def install() -> bool:
-    """Puts the replacement in place (once); False where grpc.aio's internals
-    are not the ones it was written for."""
-    if not all(hasattr(_call, name) for name in _NEEDED):
+    """Puts the replacement in place (idempotent); False on another grpcio,
+    whose internals it was not written for."""
+    if grpc.__version__ != GRPCIO_VERSION:
         return False
-    mixin = _call._StreamRequestMixin
-    if mixin._write is _write:
-        return True
-    if grpc.__version__ != "1.85.1":  # the version it was written and tested for
-        return False
-    mixin._write = _write  # type: ignore[method-assign]
+    _call._StreamRequestMixin._write = _write  # type: ignore[method-assign]
     return True

@@ -21,7 +21,7 @@ from services.common.ids import new_id
 from services.common.settings import DEFAULT_TENANT
 from services.knowledge.adapters import redis_documents
 from services.knowledge.adapters.redis_documents import RedisDocuments
-from services.task_manager.adapters import redis_dispatch, redis_store
+from services.task_manager.adapters import redis_store
 from services.task_manager.adapters.redis_dispatch import RedisDispatchQueue
 from services.task_manager.adapters.redis_store import (
     RedisTaskStore,
@@ -393,7 +393,6 @@ async def test_a_large_page_lets_other_calls_run_while_it_is_read(
         return wrapped
 
     monkeypatch.setattr(redis_store, "decode_task", counting("tasks", decode_task))
-    monkeypatch.setattr(redis_dispatch, "decode_task", counting("tasks", decode_task))
     monkeypatch.setattr(
         redis_documents, "decode_document", counting("documents", redis_documents.decode_document)
     )

@@ -71,24 +71,27 @@ def test_gives_up_on_a_busy_kernel_with_a_problem(
     assert group.writes == process._AUTOGROUP_TRIES
 
 
-def test_reports_a_refused_write(leader: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(process, "_AUTOGROUP", Autogroup(error=PermissionError(1, "denied")))
+class Rootgroup(Autogroup):
+    """Takes the write but reads back empty, as the session the host booted with."""
+
+    def read_text(self) -> str:
+        return ""
+
+
+@pytest.mark.parametrize(
+    ("group", "reported"),
+    [
+        (Autogroup(error=PermissionError(1, "denied")), "denied"),  # a refused write
+        (Rootgroup(), "no CPU priority of its own"),  # no autogroup after the write
+    ],
+)
+def test_reports_a_session_it_could_not_lower(
+    leader: Path, monkeypatch: pytest.MonkeyPatch, group: Autogroup, reported: str
+) -> None:
+    monkeypatch.setattr(process, "_AUTOGROUP", group)
     nice, problem = process.lower_session(10)
     assert nice is None
-    assert "denied" in problem
-
-
-def test_reports_a_session_without_an_autogroup_after_the_write(
-    leader: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    class Rootgroup(Autogroup):
-        def read_text(self) -> str:
-            return ""  # what the session the host booted with reads
-
-    monkeypatch.setattr(process, "_AUTOGROUP", Rootgroup())
-    nice, problem = process.lower_session(19)
-    assert nice is None
-    assert "no CPU priority of its own" in problem
+    assert reported in problem
 
 
 def test_leaves_the_session_alone_without_autogroup(

@@ -36,11 +36,9 @@ from redis.asyncio import Redis
 
 from services.common import redis_keys
 from services.common.redis_boundary import as_text, redis_boundary
-from services.common.redis_pages import in_batches
 from services.task_manager.adapters.redis_store import (
     RedisTaskStore,
     Transitioned,
-    decode_task,
     queue_score,
 )
 from services.task_manager.domain import dispatch
@@ -124,19 +122,8 @@ class RedisDispatchQueue:
         return await self._tasks.get_task(task_id)
 
     async def _records(self, ids: Sequence[str]) -> list[tuple[str, Task | None]]:
-        # A claim batch or a reclaim pass can be hundreds of tasks: a slice
-        # per round trip, as listings do.
-        found: list[tuple[str, Task | None]] = []
-        for batch in in_batches(ids):
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for task_id in batch:
-                    pipe.hgetall(redis_keys.task(task_id))
-                records = await pipe.execute()
-            found += [
-                (task_id, decode_task(fields) if fields else None)
-                for task_id, fields in zip(batch, records, strict=True)
-            ]
-        return found
+        # A claim batch or a reclaim pass can be hundreds of tasks.
+        return list(zip(ids, await self._tasks.tasks(ids), strict=True))
 
     @redis_boundary
     async def ready(self, limit: int) -> list[Task]:

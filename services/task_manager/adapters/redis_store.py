@@ -735,18 +735,25 @@ class RedisTaskStore:
             f"tasks:{tenant}:{knowledge_base_id}:{state_filter}",
             page_token,
         )
-        tasks: list[Task] = []
+        # Only the tenant's tasks, whatever index was read.
+        tasks = [t for t in await self.tasks(ids) if t is not None and t.tenant == tenant]
+        if state is not None:
+            # A task that changed state since the index was read no longer belongs here.
+            tasks = [t for t in tasks if t.state is state]
+        return TaskPage(tasks=tasks, next_page_token=next_token)
+
+    async def tasks(self, ids: Sequence[str]) -> list[Task | None]:
+        """The records of `ids`, in order (None: gone), read and decoded a
+        slice per round trip (`redis_pages.in_batches`): hundreds of them do
+        not hold the event loop in one piece."""
+        found: list[Task | None] = []
         for batch in redis_pages.in_batches(ids):
             async with self._redis.pipeline(transaction=False) as pipe:
                 for task_id in batch:
                     pipe.hgetall(redis_keys.task(task_id))
                 records = await pipe.execute()
-            # Only the tenant's tasks, whatever index was read.
-            tasks += [t for t in (decode_task(f) for f in records if f) if t.tenant == tenant]
-        if state is not None:
-            # A task that changed state since the index was read no longer belongs here.
-            tasks = [t for t in tasks if t.state is state]
-        return TaskPage(tasks=tasks, next_page_token=next_token)
+            found += [decode_task(fields) if fields else None for fields in records]
+        return found
 
     # --- transitions ---
 
