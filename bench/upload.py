@@ -19,12 +19,14 @@ free ports (devstack), then measures on the same machine, same S3:
    ingests documents (parsing and embedding on the same two cores). The
    answer waits for the object to be in S3, so each phase also measures S3
    alone at the same moment (the baseline): one direct signed PUT of the
-   same sizes at a time, the request the Task Manager makes after a last byte.
-   Per phase it also prints, per upload, the CPU the Task Manager and
-   SeaweedFS used and how long their threads waited for a CPU (run queue,
-   /proc schedstat): on two shared cores that wait is a large part of the
-   tail. A fixed CPU-bound loop is timed at the start and before the ack
-   phases, since the host's own speed varies between runs. The service's
+   same sizes at a time, the request the Task Manager makes after a last byte,
+   50 ms apart (back to back, the probe itself added half as many PUTs again
+   to SeaweedFS's load). Per phase it also prints, per upload, the CPU the
+   Task Manager, SeaweedFS and the clients (this process) used and how long
+   their threads waited for a CPU (run queue, /proc schedstat), and how
+   busy the host's CPUs were (/proc/stat): on two shared cores that wait is
+   a large part of the tail. A fixed CPU-bound loop is timed at the start
+   and before the ack phases, since the host's own speed varies between runs. The service's
    own figure (from its log) is split into S3 finishing the object and the
    rest (the task record in Redis).
 
@@ -144,17 +146,24 @@ def scheduler_seconds(pid: int) -> tuple[float, float]:
 
 class PerUpload:
     """CPU and run-queue wait over a phase: the Task Manager's per upload,
-    SeaweedFS's per PUT (the uploads' and the S3-alone probe's)."""
+    SeaweedFS's per PUT (the uploads' and the S3-alone probe's), and this
+    process's per upload: the 100 clients, which share the same two cores."""
 
     def __init__(self, stack: Stack) -> None:
-        self._pids = {"Task Manager": stack.tm_pid, "S3 (SeaweedFS)": stack.s3_pid}
+        self._pids = {
+            "Task Manager": stack.tm_pid,
+            "S3 (SeaweedFS)": stack.s3_pid,
+            "clients (this process)": os.getpid(),
+        }
         self._before = {name: scheduler_seconds(pid) for name, pid in self._pids.items()}
+        self._host_before = host_cpu_ticks()
         self.lines: list[str] = []
 
     def finish(self, uploads: int, probe_puts: int) -> None:
         counts = {
             "Task Manager": (uploads, "upload"),
             "S3 (SeaweedFS)": (uploads + probe_puts, "PUT"),
+            "clients (this process)": (uploads, "upload"),
         }
         for name, pid in self._pids.items():
             (run0, wait0), (run1, wait1) = self._before[name], scheduler_seconds(pid)
@@ -163,6 +172,20 @@ class PerUpload:
                 f"  {name} per {unit}: {(run1 - run0) * 1000 / n:.2f} ms on a CPU, "
                 f"{(wait1 - wait0) * 1000 / n:.2f} ms waiting for one"
             )
+        before, after = self._host_before, host_cpu_ticks()
+        ticks = after[2] - before[2]
+        busy, stolen = ((after[i] - before[i]) * 100 / ticks for i in (0, 1))
+        self.lines.append(
+            f"  host: its {os.cpu_count()} CPUs {busy:.0f}% busy (all processes), "
+            f"{stolen:.0f}% taken by the hypervisor"
+        )
+
+
+def host_cpu_ticks() -> tuple[int, int, int]:
+    """(busy, stolen, all) clock ticks of all CPUs so far (/proc/stat)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return user + nice + system + irq + softirq, steal, sum(fields)
 
 
 def host_speed_ms() -> float:
@@ -365,9 +388,11 @@ async def ack_latencies(
     return [latency for latencies in per_client for latency in latencies]
 
 
-async def s3_put_latencies(stack: Stack, max_size: int, stop: asyncio.Event) -> list[float]:
+async def s3_put_latencies(
+    stack: Stack, max_size: int, interval: float, stop: asyncio.Event
+) -> list[float]:
     """Seconds per direct PUT of a 16 KiB-`max_size` object (signed like the
-    Task Manager's), one at a time every 20 ms, until `stop`."""
+    Task Manager's), one at a time, `interval` seconds apart, until `stop`."""
     settings = stack.s3.for_service()
     rng = random.Random(11)
     latencies = []
@@ -379,7 +404,7 @@ async def s3_put_latencies(stack: Stack, max_size: int, stop: asyncio.Event) -> 
             start = time.perf_counter()
             await signed.put(f"bench/probe-{time.time_ns()}", body, "text/plain", sha256)
             latencies.append(time.perf_counter() - start)
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(interval)
     return latencies
 
 
@@ -431,7 +456,9 @@ async def ack_phase(stack: Stack, args: argparse.Namespace, rate: int, title: st
     max_size = args.max_kb * 1024
     per_upload = PerUpload(stack)
     stop = asyncio.Event()
-    probe = asyncio.create_task(s3_put_latencies(stack, max_size, stop))
+    probe = asyncio.create_task(
+        s3_put_latencies(stack, max_size, args.probe_interval_ms / 1000, stop)
+    )
     try:
         acks = await ack_latencies(stack, kb, args.concurrent, args.rounds, max_size, rate)
     finally:
@@ -601,6 +628,9 @@ async def main() -> None:
     parser.add_argument("--concurrent", type=int, default=100, help="uploads in flight")
     parser.add_argument("--rounds", type=int, default=5, help="uploads per concurrent client")
     parser.add_argument("--max-kb", type=int, default=512, help="largest of those uploads")
+    parser.add_argument(
+        "--probe-interval-ms", type=int, default=50, help="pause between S3-alone PUTs"
+    )
     parser.add_argument(
         "--client-rate-kib", type=int, default=256, help="per-client send rate, paced phase"
     )
