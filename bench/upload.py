@@ -26,9 +26,9 @@ free ports (devstack), then measures on the same machine, same S3:
    their threads waited for a CPU (run queue, /proc schedstat), and how
    busy the host's CPUs were (/proc/stat): on two shared cores that wait is
    a large part of the tail. A fixed CPU-bound loop is timed at the start
-   and before the ack phases, since the host's own speed varies between runs. The service's
-   own figure (from its log) is split into S3 finishing the object and the
-   rest (the task record in Redis).
+   and before the ack phases, since the host's own speed varies between
+   runs. The service's own figure (from its log) is split into S3 finishing
+   the object and the rest (the task record in Redis).
 
     .venv/bin/python bench/upload.py [--size-mb 1024] [--concurrent 100]
     .venv/bin/python bench/upload.py --ack-only   # phase 4 only, about a minute

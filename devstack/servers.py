@@ -230,6 +230,11 @@ class _ProcStat:
     session: int
     start_time: int
 
+    @property
+    def exited(self) -> bool:
+        """A zombie (exited, not yet reaped) or dead."""
+        return self.state in ("Z", "X")
+
 
 def _proc_stat(pid: int) -> _ProcStat | None:
     """State, session id and start time (clock ticks since boot) of a process."""
@@ -250,6 +255,12 @@ def process_start_time(pid: int) -> int | None:
     return None if info is None else info.start_time
 
 
+def process_alive(pid: int) -> bool:
+    """Whether `pid` exists and has not exited (a zombie has)."""
+    info = _proc_stat(pid)
+    return info is not None and not info.exited
+
+
 def _processes() -> dict[int, _ProcStat]:
     """Every process's /proc stat, by pid."""
     stats = {}
@@ -262,9 +273,7 @@ def _processes() -> dict[int, _ProcStat]:
 def _session_members(sessions: Collection[int]) -> list[int]:
     """Live processes of `sessions` (a server and whatever it forked)."""
     return [
-        pid
-        for pid, info in _processes().items()
-        if info.session in sessions and info.state not in ("Z", "X")
+        pid for pid, info in _processes().items() if info.session in sessions and not info.exited
     ]
 
 
@@ -460,7 +469,7 @@ class ServerProcess:
         if self.popen is not None:
             return self.popen.poll() is None
         info = _proc_stat(self.pid)
-        if info is None or info.state in ("Z", "X"):
+        if info is None or info.exited:
             return False
         return self.start_time is None or info.start_time == self.start_time
 

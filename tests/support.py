@@ -1,10 +1,9 @@
 """Helpers tests share: reading AIP-193 error details off a gRPC error, upload
-messages, watch events, whether a process lives."""
+messages, watch events."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -77,12 +76,3 @@ async def remaining_events(call: Any) -> list[task_manager_pb2.WatchTaskResponse
     while (event := await next_event(call)) is not None:
         events.append(event)
     return events
-
-
-def alive(pid: int) -> bool:
-    """Whether `pid` exists and has not exited (a zombie has)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"

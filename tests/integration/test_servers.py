@@ -20,7 +20,6 @@ import yaml
 from devstack import servers
 from devstack.servers import RedisServer, SeaweedServer
 from tests.conftest import EnvoyFactory, RedisFactory
-from tests.support import alive
 
 pytestmark = pytest.mark.integration
 
@@ -201,10 +200,10 @@ def test_stop_also_stops_a_child_in_a_session_of_its_own(tmp_path: Path) -> None
         assert os.getsid(child) == child != os.getsid(server.pid)
         server.stop(timeout=5)
         for _ in range(100):
-            if not alive(child):
+            if not servers.process_alive(child):
                 break
             time.sleep(0.1)
-        assert not alive(child)
+        assert not servers.process_alive(child)
     finally:
         server.stop(timeout=1)
         if child:

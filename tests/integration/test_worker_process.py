@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from devstack.servers import process_alive
 from services.knowledge.worker.process import autogroup_enabled, autogroup_niceness
 from tests.conftest import ServiceFactory, Stack
-from tests.support import alive
 
 pytestmark = pytest.mark.integration
 
@@ -92,7 +92,7 @@ async def test_worker_child_is_niced_restarted_and_stopped(
     (child,) = worker_children(service.pid)
 
     assert service.stop() == 0
-    await wait_for(lambda: not alive(child), "the child to stop with the service")
+    await wait_for(lambda: not process_alive(child), "the child to stop with the service")
 
 
 async def test_worker_child_drains_when_the_service_is_killed(
@@ -107,7 +107,7 @@ async def test_worker_child_drains_when_the_service_is_killed(
     await wait_for(lambda: worker_children(service.pid), "the worker child")
     (child,) = worker_children(service.pid)
     os.kill(service.pid, signal.SIGKILL)
-    await wait_for(lambda: not alive(child), "the orphaned child to exit")
+    await wait_for(lambda: not process_alive(child), "the orphaned child to exit")
 
 
 LOWER = """
